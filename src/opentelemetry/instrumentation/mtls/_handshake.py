@@ -1,0 +1,108 @@
+"""The handshake record: what one TLS handshake attempt established, or why it failed.
+
+The ssl hooks build one record per attempt and hand it to the telemetry; nothing
+downstream touches an ``ssl`` object again. Reading the ssl object happens here,
+once, so that spans, metrics, logs and the connection registry all agree.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from opentelemetry.context import Context
+
+from opentelemetry.instrumentation.mtls import _errors
+from opentelemetry.instrumentation.mtls._certificate import CertificateInfo, parse_certificate
+from opentelemetry.instrumentation.mtls._tls_values import iana_cipher_name, protocol_version
+from opentelemetry.instrumentation.mtls.attributes import (
+    VERIFY_RESULT_FAILED,
+    VERIFY_RESULT_NONE,
+    VERIFY_RESULT_SUCCESS,
+)
+
+Address = tuple[str, int]
+SSLEndpoint = ssl.SSLSocket | ssl.SSLObject
+
+
+@dataclass(slots=True)
+class HandshakeRecord:
+    """One handshake attempt on one side, from its first entry to its outcome."""
+
+    server_side: bool
+    start_ns: int
+    end_ns: int
+    parent: Context | None = None
+    """Client side: the context that was current when the handshake began."""
+    error: BaseException | None = None
+    error_type: str | None = None
+    protocol_version: str | None = None
+    cipher: str | None = None
+    resumed: bool = False
+    next_protocol: str | None = None
+    server_name: str | None = None
+    local_address: Address | None = None
+    peer_address: Address | None = None
+    peer_der: bytes | None = None
+    peer_certificate: CertificateInfo | None = None
+    peer_chain: tuple[bytes, ...] = ()
+    verify_result: str | None = None
+    verify_code: int | None = None
+    verify_message: str | None = None
+
+    @property
+    def established(self) -> bool:
+        """Whether the handshake succeeded."""
+        return self.error is None
+
+
+def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chain: bool) -> None:
+    """Read what a completed handshake negotiated and who the peer was."""
+    record.protocol_version = protocol_version(endpoint.version())
+    cipher = endpoint.cipher()
+    if cipher is not None:
+        record.cipher = iana_cipher_name(cipher[0])
+    record.resumed = bool(endpoint.session_reused)
+    record.next_protocol = endpoint.selected_alpn_protocol()
+    der = endpoint.getpeercert(True)
+    if der:
+        record.peer_der = der
+        record.peer_certificate = parse_certificate(der)
+        if record.server_side or endpoint.context.verify_mode != ssl.CERT_NONE:
+            record.verify_result = VERIFY_RESULT_SUCCESS
+        if capture_chain:
+            record.peer_chain = peer_chain(endpoint, der)
+    else:
+        record.verify_result = VERIFY_RESULT_NONE
+
+
+def fill_failure(
+    record: HandshakeRecord, exc: BaseException, error_type: str | None = None
+) -> None:
+    """Classify a failed or abandoned handshake."""
+    record.error = exc
+    record.error_type = error_type or _errors.error_type(exc)
+    details = _errors.verify_details(exc)
+    if details is not None:
+        record.verify_result = VERIFY_RESULT_FAILED
+        record.verify_code, record.verify_message = details
+    elif record.error_type == _errors.CERTIFICATE_REQUIRED:
+        record.verify_result = VERIFY_RESULT_NONE
+
+
+def peer_chain(endpoint: SSLEndpoint, leaf: bytes) -> tuple[bytes, ...]:
+    """Return the peer's verified chain (Python 3.13+) as DER, leaf first; else the leaf."""
+    getter = getattr(endpoint, "get_verified_chain", None)
+    if getter is None:
+        return (leaf,)
+    chain = getter()
+    return tuple(
+        cert if isinstance(cert, bytes) else cert.public_bytes(ssl_der_encoding()) for cert in chain
+    ) or (leaf,)
+
+
+def ssl_der_encoding() -> int:
+    """Return the ``_ssl`` constant for DER output of ``Certificate.public_bytes``."""
+    import _ssl  # noqa: PLC0415  # private module, only reached on Python 3.13+
+
+    return int(_ssl.ENCODING_DER)

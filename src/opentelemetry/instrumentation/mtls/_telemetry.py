@@ -1,0 +1,216 @@
+"""Turn handshake records into spans.
+
+This is the only module that knows the span and attribute names of a handshake. The
+peer certificate's attributes are built once per distinct certificate and role, and
+reused: a returning client costs a dictionary look-up, not a parse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Final
+
+from opentelemetry.context import Context
+from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
+from opentelemetry.semconv.attributes import (
+    client_attributes,
+    error_attributes,
+    exception_attributes,
+    server_attributes,
+)
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
+
+from opentelemetry.instrumentation.mtls import attributes as names
+from opentelemetry.instrumentation.mtls._certificate import der_to_pem, parse_certificate
+from opentelemetry.instrumentation.mtls._config import MTLSConfig
+from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord
+
+SERVER_SPAN_NAME: Final = "TLS server handshake"
+CLIENT_SPAN_NAME: Final = "TLS client handshake"
+
+# The server handshake happens before any request exists, so its span is a root.
+_ROOT: Final = Context()
+
+Attributes = dict[str, AttributeValue]
+
+
+class _PeerNames:
+    """The attribute names for one peer role (``tls.client.*`` or ``tls.server.*``)."""
+
+    __slots__ = (
+        "alternative_names",
+        "certificate",
+        "certificate_chain",
+        "common_name",
+        "hash_sha256",
+        "issuer",
+        "not_after",
+        "not_before",
+        "parse_error",
+        "serial_number",
+        "spiffe_id",
+        "subject",
+        "verify_code",
+        "verify_message",
+        "verify_result",
+    )
+
+    def __init__(self, *, client: bool) -> None:
+        self.subject = tls.TLS_CLIENT_SUBJECT if client else tls.TLS_SERVER_SUBJECT
+        self.issuer = tls.TLS_CLIENT_ISSUER if client else tls.TLS_SERVER_ISSUER
+        self.hash_sha256 = tls.TLS_CLIENT_HASH_SHA256 if client else tls.TLS_SERVER_HASH_SHA256
+        self.not_before = tls.TLS_CLIENT_NOT_BEFORE if client else tls.TLS_SERVER_NOT_BEFORE
+        self.not_after = tls.TLS_CLIENT_NOT_AFTER if client else tls.TLS_SERVER_NOT_AFTER
+        self.certificate = tls.TLS_CLIENT_CERTIFICATE if client else tls.TLS_SERVER_CERTIFICATE
+        self.certificate_chain = (
+            tls.TLS_CLIENT_CERTIFICATE_CHAIN if client else tls.TLS_SERVER_CERTIFICATE_CHAIN
+        )
+        self.serial_number = (
+            names.TLS_CLIENT_X509_SERIAL_NUMBER if client else names.TLS_SERVER_X509_SERIAL_NUMBER
+        )
+        self.common_name = (
+            names.TLS_CLIENT_X509_SUBJECT_COMMON_NAME
+            if client
+            else names.TLS_SERVER_X509_SUBJECT_COMMON_NAME
+        )
+        self.alternative_names = (
+            names.TLS_CLIENT_X509_ALTERNATIVE_NAMES
+            if client
+            else names.TLS_SERVER_X509_ALTERNATIVE_NAMES
+        )
+        self.parse_error = (
+            names.TLS_CLIENT_X509_PARSE_ERROR if client else names.TLS_SERVER_X509_PARSE_ERROR
+        )
+        self.spiffe_id = names.TLS_CLIENT_SPIFFE_ID if client else names.TLS_SERVER_SPIFFE_ID
+        self.verify_result = (
+            names.TLS_CLIENT_VERIFY_RESULT if client else names.TLS_SERVER_VERIFY_RESULT
+        )
+        self.verify_code = names.TLS_CLIENT_VERIFY_CODE if client else names.TLS_SERVER_VERIFY_CODE
+        self.verify_message = (
+            names.TLS_CLIENT_VERIFY_MESSAGE if client else names.TLS_SERVER_VERIFY_MESSAGE
+        )
+
+
+CLIENT_PEER: Final = _PeerNames(client=True)
+"""Names for the peer of a server: the client."""
+SERVER_PEER: Final = _PeerNames(client=False)
+"""Names for the peer of a client: the server."""
+
+
+@lru_cache(maxsize=4096)
+def certificate_attributes(der: bytes, peer_is_client: bool) -> Mapping[str, AttributeValue]:
+    """Return the attributes of one peer certificate in one role; cached, never mutate."""
+    info = parse_certificate(der)
+    n = CLIENT_PEER if peer_is_client else SERVER_PEER
+    attrs: Attributes = {n.hash_sha256: info.sha256}
+    optional: tuple[tuple[str, str | None], ...] = (
+        (n.subject, info.subject),
+        (n.issuer, info.issuer),
+        (n.not_before, info.not_before),
+        (n.not_after, info.not_after),
+        (n.serial_number, info.serial_number),
+        (n.common_name, info.common_name),
+        (n.spiffe_id, info.spiffe_id),
+        (n.parse_error, info.parse_error),
+    )
+    for key, value in optional:
+        if value is not None:
+            attrs[key] = value
+    if info.alternative_names:
+        attrs[n.alternative_names] = info.alternative_names
+    return attrs
+
+
+def handshake_attributes(record: HandshakeRecord, config: MTLSConfig) -> Attributes:
+    """Return every attribute of a handshake span for one record."""
+    peer = CLIENT_PEER if record.server_side else SERVER_PEER
+    attrs: Attributes = {
+        tls.TLS_PROTOCOL_NAME: "tls",
+        tls.TLS_ESTABLISHED: record.error is None,
+        tls.TLS_RESUMED: record.resumed,
+    }
+    if record.protocol_version is not None:
+        attrs[tls.TLS_PROTOCOL_VERSION] = record.protocol_version
+    if record.cipher is not None:
+        attrs[tls.TLS_CIPHER] = record.cipher
+    if record.next_protocol is not None:
+        attrs[tls.TLS_NEXT_PROTOCOL] = record.next_protocol
+    if record.server_name is not None:
+        attrs[tls.TLS_CLIENT_SERVER_NAME] = record.server_name
+    server, client = (
+        (record.local_address, record.peer_address)
+        if record.server_side
+        else (record.peer_address, record.local_address)
+    )
+    if server is not None:
+        attrs[server_attributes.SERVER_ADDRESS] = server[0]
+        attrs[server_attributes.SERVER_PORT] = server[1]
+    if client is not None and record.server_side:
+        attrs[client_attributes.CLIENT_ADDRESS] = client[0]
+        attrs[client_attributes.CLIENT_PORT] = client[1]
+    if record.peer_der is not None:
+        attrs.update(certificate_attributes(record.peer_der, record.server_side))
+        if config.capture_certificate:
+            attrs[peer.certificate] = der_to_pem(record.peer_der)
+        if config.capture_certificate_chain and record.peer_chain:
+            attrs[peer.certificate_chain] = [der_to_pem(der) for der in record.peer_chain]
+    if record.verify_result is not None:
+        attrs[peer.verify_result] = record.verify_result
+    if record.verify_code is not None:
+        attrs[peer.verify_code] = record.verify_code
+    if record.verify_message is not None:
+        attrs[peer.verify_message] = record.verify_message
+    if record.error_type is not None:
+        attrs[error_attributes.ERROR_TYPE] = record.error_type
+    return attrs
+
+
+class HandshakeTelemetry:
+    """Emit the telemetry of handshake records: one span per record."""
+
+    __slots__ = ("_config", "_tracer")
+
+    def __init__(self, tracer: Tracer, config: MTLSConfig) -> None:
+        self._tracer = tracer
+        self._config = config
+
+    def emit(self, record: HandshakeRecord) -> None:
+        """Emit the span of one finished handshake attempt."""
+        parent: Context | None
+        if record.server_side:
+            name, parent = SERVER_SPAN_NAME, _ROOT
+        else:
+            name, parent = CLIENT_SPAN_NAME, record.parent
+        span = self._tracer.start_span(
+            name,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            start_time=record.start_ns,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        if span.is_recording():
+            span.set_attributes(handshake_attributes(record, self._config))
+            error = record.error
+            if error is not None:
+                message = str(error)
+                span.set_status(Status(StatusCode.ERROR, message))
+                # The stack of a handshake failure says nothing about its cause, and
+                # formatting one would make every failure (and a flood) costly.
+                span.add_event(
+                    "exception",
+                    {
+                        exception_attributes.EXCEPTION_TYPE: _qualified_name(error),
+                        exception_attributes.EXCEPTION_MESSAGE: message,
+                    },
+                    timestamp=record.end_ns,
+                )
+        span.end(end_time=record.end_ns)
+
+
+def _qualified_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -1,0 +1,70 @@
+"""Attribute names of this instrumentation that OpenTelemetry's semantic conventions lack.
+
+The ``tls.*`` registry (``opentelemetry.semconv._incubating.attributes.tls_attributes``)
+came from the Elastic Common Schema; the ``x509`` names below follow ECS where it has
+them. Each name is defined here once and imported everywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+TLS_CLIENT_X509_SERIAL_NUMBER: Final = "tls.client.x509.serial_number"
+"""Serial number of the client certificate, uppercase hex without separators (ECS)."""
+
+TLS_SERVER_X509_SERIAL_NUMBER: Final = "tls.server.x509.serial_number"
+"""Serial number of the server certificate, uppercase hex without separators (ECS)."""
+
+TLS_CLIENT_X509_SUBJECT_COMMON_NAME: Final = "tls.client.x509.subject.common_name"
+"""First common name (CN) of the client certificate's subject (ECS)."""
+
+TLS_SERVER_X509_SUBJECT_COMMON_NAME: Final = "tls.server.x509.subject.common_name"
+"""First common name (CN) of the server certificate's subject (ECS)."""
+
+TLS_CLIENT_X509_ALTERNATIVE_NAMES: Final = "tls.client.x509.alternative_names"
+"""Every subject alternative name of the client certificate, as ``DNS:…``, ``URI:…`` (ECS)."""
+
+TLS_SERVER_X509_ALTERNATIVE_NAMES: Final = "tls.server.x509.alternative_names"
+"""Every subject alternative name of the server certificate, as ``DNS:…``, ``URI:…`` (ECS)."""
+
+TLS_CLIENT_X509_PARSE_ERROR: Final = "tls.client.x509.parse_error"
+"""Exception class raised while parsing a client certificate that could not be parsed."""
+
+TLS_SERVER_X509_PARSE_ERROR: Final = "tls.server.x509.parse_error"
+"""Exception class raised while parsing a server certificate that could not be parsed."""
+
+TLS_CLIENT_SPIFFE_ID: Final = "tls.client.spiffe_id"
+"""The first ``spiffe://`` URI subject alternative name of the client certificate."""
+
+TLS_SERVER_SPIFFE_ID: Final = "tls.server.spiffe_id"
+"""The first ``spiffe://`` URI subject alternative name of the server certificate."""
+
+TLS_CLIENT_VERIFY_RESULT: Final = "tls.client.verify.result"
+"""Outcome of verifying the client certificate: ``success``, ``failed`` or ``none``."""
+
+TLS_SERVER_VERIFY_RESULT: Final = "tls.server.verify.result"
+"""Outcome of verifying the server certificate: ``success``, ``failed`` or ``none``."""
+
+TLS_CLIENT_VERIFY_CODE: Final = "tls.client.verify.code"
+"""OpenSSL X509 verify code of a client certificate that failed verification."""
+
+TLS_SERVER_VERIFY_CODE: Final = "tls.server.verify.code"
+"""OpenSSL X509 verify code of a server certificate that failed verification."""
+
+TLS_CLIENT_VERIFY_MESSAGE: Final = "tls.client.verify.message"
+"""OpenSSL verify message of a client certificate that failed verification."""
+
+TLS_SERVER_VERIFY_MESSAGE: Final = "tls.server.verify.message"
+"""OpenSSL verify message of a server certificate that failed verification."""
+
+TLS_CLIENT_IDENTITY_SOURCE: Final = "tls.client.identity.source"
+"""Where a request's client identity came from: ``handshake``, ``xfcc``, ``rfc9440``…"""
+
+VERIFY_RESULT_SUCCESS: Final = "success"
+"""The peer's certificate was verified."""
+
+VERIFY_RESULT_FAILED: Final = "failed"
+"""The peer's certificate failed verification."""
+
+VERIFY_RESULT_NONE: Final = "none"
+"""The peer presented no certificate."""

@@ -1,0 +1,3 @@
+"""Version of opentelemetry-instrumentation-mtls."""
+
+__version__ = "0.1.0"

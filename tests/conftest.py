@@ -1,0 +1,101 @@
+"""Shared fixtures: a test PKI made by trustme, and an instrumentor with in-memory exporters."""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from opentelemetry.instrumentation.mtls import MTLSInstrumentor
+from pki import Authority, Leaf
+
+UTC = datetime.timezone.utc
+
+
+@dataclass
+class PKI:
+    """A CA with a server and client certificates, and a second CA nobody trusts."""
+
+    ca: Authority
+    other_ca: Authority
+    server: Leaf
+    client: Leaf
+    untrusted_client: Leaf
+    expired_client: Leaf
+
+    def server_context(
+        self,
+        verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED,
+        maximum_version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
+    ) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server.configure_cert(ctx)
+        self.ca.configure_trust(ctx)
+        ctx.verify_mode = verify_mode
+        ctx.maximum_version = maximum_version
+        return ctx
+
+    def client_context(self, cert: Leaf | None) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.ca.configure_trust(ctx)
+        if cert is not None:
+            cert.configure_cert(ctx)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def pki() -> PKI:
+    ca = Authority("mTLS test CA")
+    other = Authority("Somebody else's CA")
+    return PKI(
+        ca=ca,
+        other_ca=other,
+        server=ca.issue("server.test", dns=("localhost",), ips=("127.0.0.1",)),
+        client=ca.issue(
+            "web-client",
+            uris=("spiffe://example.org/ns/default/sa/web",),
+            dns=("web.example.org",),
+            serial=0x1234ABCD,
+        ),
+        untrusted_client=other.issue("intruder", dns=("intruder.example.org",)),
+        expired_client=ca.issue(
+            "old-client",
+            dns=("old.example.org",),
+            not_before=datetime.datetime(2020, 1, 1, tzinfo=UTC),
+            not_after=datetime.datetime(2021, 1, 1, tzinfo=UTC),
+        ),
+    )
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracer_provider(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+@pytest.fixture
+def instrumented(tracer_provider: TracerProvider) -> Iterator[MTLSInstrumentor]:
+    instrumentor = MTLSInstrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider)
+    try:
+        yield instrumentor
+    finally:
+        instrumentor.uninstrument()
+
+
+def handshake_spans(exporter: InMemorySpanExporter, side: str) -> list[ReadableSpan]:
+    """The finished handshake spans of one side, ``server`` or ``client``."""
+    name = f"TLS {side} handshake"
+    return [span for span in exporter.get_finished_spans() if span.name == name]
