@@ -22,7 +22,7 @@ _DIR = tempfile.mkdtemp(prefix="mtls-test-pki-")
 _counter = 0
 
 
-def _write(data: bytes, suffix: str) -> str:
+def write(data: bytes, suffix: str) -> str:
     global _counter  # noqa: PLW0603
     _counter += 1
     path = os.path.join(_DIR, f"{_counter}{suffix}")
@@ -141,6 +141,6 @@ class Authority:
         )
         return Leaf(
             certificate=certificate,
-            cert_path=_write(certificate.public_bytes(serialization.Encoding.PEM), ".crt"),
-            key_path=_write(key_pem, ".key"),
+            cert_path=write(certificate.public_bytes(serialization.Encoding.PEM), ".crt"),
+            key_path=write(key_pem, ".key"),
         )

@@ -1,4 +1,4 @@
-"""Run one real TLS handshake over loopback, blocking or under an event loop, and say what each side saw.
+"""Run one real TLS handshake over loopback, blocking or on an event loop; say what each side saw.
 
 The outcome is compared between runs with and without the instrumentation, so it holds
 exactly what the host sees: the exception's type and message, or what was negotiated.
@@ -123,7 +123,7 @@ def on_loop(
                 outcome.client_read = describe(exc)
             writer.close()
         # Let the server side finish its part (and its span) before the loop closes.
-        for _ in range(50):
+        for _ in range(25):
             if served.is_set():
                 break
             await asyncio.sleep(0.01)

@@ -8,7 +8,6 @@ here is a dictionary look-up: it runs on every failed handshake, including flood
 
 from __future__ import annotations
 
-import socket
 import ssl
 from typing import Final
 
@@ -112,7 +111,7 @@ def error_type(exc: BaseException) -> str:
         if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
             return PEER_CONNECTION_CLOSED
         return UNKNOWN_FAILURE
-    if isinstance(exc, (TimeoutError, socket.timeout)):
+    if isinstance(exc, TimeoutError):
         return HANDSHAKE_TIMEOUT
     if isinstance(exc, (ConnectionError, EOFError)):
         return PEER_CONNECTION_CLOSED

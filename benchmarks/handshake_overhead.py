@@ -1,0 +1,697 @@
+"""CPU overhead of the mTLS instrumentation on TLS 1.3 handshakes, both sides in one process.
+
+Every handshake runs its server and its client ``ssl.SSLObject`` in this process over
+in-memory BIOs (no sockets, no threads), so what is measured is CPU only, and both sides'
+instrumentation is counted: each handshake emits two spans (server and client side).
+
+Two kinds of handshake are measured, each in its own phase:
+
+* ``full``: a full TLS 1.3 mutual-TLS handshake with ECDSA P-256 certificates on both
+  sides (the server requires a client certificate);
+* ``resumed``: a TLS 1.3 PSK resumption, the client offering a session ticket taken from
+  an earlier connection.
+
+Variants, each installed before its block and removed after it:
+
+* ``bare``: no instrumentation;
+* ``floor``: a hand-made wrapt wrapper that creates and ends one empty SDK span per
+  handshake side, the least any span-emitting instrumentation can cost;
+* ``sdk``: ``MTLSInstrumentor`` with an SDK ``TracerProvider`` (BatchSpanProcessor to a
+  no-op exporter) and an SDK ``MeterProvider``;
+* ``api``: ``MTLSInstrumentor`` with the API's ``NoOpTracerProvider``;
+* ``json_log``: what a user would write by hand: one JSON log line per handshake side
+  with ``getpeercert()``'s fields, through ``logging`` to a file.
+
+Blocks alternate in time: ``bare, A, B, bare, C, D, bare, ...`` with the order of the
+instrumented variants rotating every round, and each block's throughput (handshakes per
+second of process CPU time, which includes the span processor's export thread) is
+compared with the mean of the two bare blocks around it.  The medians and interquartile
+ranges of those ratios over the rounds are reported.
+
+Run: ``python benchmarks/handshake_overhead.py [--seconds N] [--blocks N] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio.sslproto
+import gc
+import importlib.util
+import json
+import logging
+import os
+import platform
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Final
+
+import trustme
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from wrapt import wrap_function_wrapper
+
+from opentelemetry.instrumentation.mtls import MTLSInstrumentor
+from opentelemetry.instrumentation.mtls import __version__ as mtls_version
+
+SERVER_NAME: Final = "server.bench.example"
+CLIENT_NAME: Final = "client.bench.example"
+KINDS: Final = ("full", "resumed")
+INSTRUMENTED: Final = ("floor", "sdk", "api", "json_log")
+VARIANTS: Final = ("bare", *INSTRUMENTED)
+_AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_FLOOR_SPAN: Final = "_bench_floor_span"
+_MAX_FLIGHTS: Final = 8
+
+Wrapped = Callable[..., Any]
+Handshake = Callable[[], tuple[ssl.SSLObject, ssl.SSLObject]]
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    """The two TLS 1.3-only contexts of a mutual-TLS pair, ECDSA P-256 on both sides."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+def make_pki() -> Pki:
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    server_cert = ca.issue_cert(SERVER_NAME, key_type=trustme.KeyType.ECDSA)
+    client_cert = ca.issue_cert(
+        CLIENT_NAME, common_name=CLIENT_NAME, key_type=trustme.KeyType.ECDSA
+    )
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = server.maximum_version = ssl.TLSVersion.TLSv1_3
+    server.verify_mode = ssl.CERT_REQUIRED
+    server_cert.configure_cert(server)
+    ca.configure_trust(server)
+
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    client.minimum_version = client.maximum_version = ssl.TLSVersion.TLSv1_3
+    client_cert.configure_cert(client)
+    ca.configure_trust(client)
+    return Pki(server=server, client=client)
+
+
+def handshake(
+    pki: Pki, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """Run one handshake between a new server and a new client; return (server, client)."""
+    server, client, _ = _handshake(pki, session)
+    return server, client
+
+
+def _handshake(
+    pki: Pki, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLObject, ssl.SSLObject, Callable[[], None]]:
+    """Handshake, pumping flights between the two sides' BIOs; also return the pump."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = pki.client.wrap_bio(c_in, c_out, server_hostname=SERVER_NAME, session=session)
+    server = pki.server.wrap_bio(s_in, s_out, server_side=True)
+
+    def pump() -> None:
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+
+    client_done = server_done = False
+    for _ in range(_MAX_FLIGHTS):
+        if not client_done:
+            try:
+                client.do_handshake()
+                client_done = True
+            except ssl.SSLWantReadError:
+                pass
+            s_in.write(c_out.read())
+        if not server_done:
+            try:
+                server.do_handshake()
+                server_done = True
+            except ssl.SSLWantReadError:
+                pass
+            c_in.write(s_out.read())
+        if client_done and server_done:
+            return server, client, pump
+    raise RuntimeError("the handshake did not complete")
+
+
+def fresh_session(pki: Pki) -> ssl.SSLSession:
+    """Do a full handshake and return the session ticket the server sent after it."""
+    server, client, pump = _handshake(pki, None)
+    # TLS 1.3 tickets arrive after the handshake: the client must read application data
+    # (which makes it process the tickets queued before it) before it has a session.
+    server.write(b"!")
+    pump()
+    data = client.read(1)
+    if data != b"!":
+        raise RuntimeError(f"unexpected application data {data!r}")
+    session = client.session
+    if session is None or not session.has_ticket:
+        raise RuntimeError("the client got no TLS 1.3 session ticket")
+    return session
+
+
+# -- telemetry plumbing -------------------------------------------------------------------
+
+
+class CountingExporter(SpanExporter):
+    """A no-op exporter that only counts what it is given (and keeps the last span)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: ReadableSpan | None = None
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.count += len(spans)
+        if spans:
+            self.last = spans[-1]
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def sdk_tracer_provider() -> tuple[TracerProvider, CountingExporter]:
+    exporter = CountingExporter()
+    provider = TracerProvider()
+    # A queue far larger than any block produces, flushed between blocks: nothing dropped.
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, max_queue_size=1 << 20, max_export_batch_size=512)
+    )
+    return provider, exporter
+
+
+def count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+# -- variants -----------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One way of running handshakes: how to install it, remove it, and count its output."""
+
+    name: str
+    install: Callable[[], None]
+    uninstall: Callable[[], None]
+    produced: Callable[[], int] | None = None
+    """Total telemetry items (spans or log lines) produced so far, after ``settle``."""
+    settle: Callable[[], None] = lambda: None
+    """Bring ``produced`` up to date (flush), outside the timed region."""
+    per_handshake: int = 2
+
+
+class Variants:
+    """Build the five variants and their providers, exporters and log file."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.floor_provider, self.floor_exporter = sdk_tracer_provider()
+        self.sdk_provider, self.sdk_exporter = sdk_tracer_provider()
+        self.metric_reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.metric_reader])
+        self.log_path = os.path.join(log_dir, "handshakes.jsonl")
+        self.logger = logging.getLogger("bench.handshake_overhead.tls")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        self.handler = logging.FileHandler(self.log_path, encoding="utf-8")
+        self.logger.addHandler(self.handler)
+        self.instrumentor = MTLSInstrumentor()
+        floor_tracer = self.floor_provider.get_tracer("bench.floor")
+
+        def floor_wrapper(wrapped: Wrapped, instance: ssl.SSLObject, args: Any, kwargs: Any) -> Any:
+            state = instance.__dict__
+            span = state.get(_FLOOR_SPAN)
+            if span is None:
+                span = state[_FLOOR_SPAN] = floor_tracer.start_span("handshake")
+            try:
+                result = wrapped(*args, **kwargs)
+            except _AGAIN:
+                raise
+            except BaseException:
+                del state[_FLOOR_SPAN]
+                span.end()
+                raise
+            del state[_FLOOR_SPAN]
+            span.end()
+            return result
+
+        logger = self.logger
+
+        def json_log_wrapper(
+            wrapped: Wrapped, instance: ssl.SSLObject, args: Any, kwargs: Any
+        ) -> Any:
+            result = wrapped(*args, **kwargs)
+            cert = instance.getpeercert()
+            cipher = instance.cipher()
+            logger.info(
+                json.dumps(
+                    {
+                        "peer": "client" if instance.server_side else "server",
+                        "subject": cert.get("subject"),
+                        "issuer": cert.get("issuer"),
+                        "serial": cert.get("serialNumber"),
+                        "not_after": cert.get("notAfter"),
+                        "version": instance.version(),
+                        "cipher": cipher[0] if cipher else None,
+                    }
+                )
+            )
+            return result
+
+        self.all: dict[str, Variant] = {
+            "bare": Variant("bare", lambda: None, lambda: None, per_handshake=0),
+            "floor": Variant(
+                "floor",
+                lambda: wrap_function_wrapper(ssl.SSLObject, "do_handshake", floor_wrapper),
+                lambda: unwrap(ssl.SSLObject, "do_handshake"),
+                produced=lambda: self.floor_exporter.count,
+                settle=lambda: self._flush(self.floor_provider),
+            ),
+            "sdk": Variant(
+                "sdk",
+                lambda: self.instrumentor.instrument(
+                    tracer_provider=self.sdk_provider, meter_provider=self.meter_provider
+                ),
+                self.instrumentor.uninstrument,
+                produced=lambda: self.sdk_exporter.count,
+                settle=lambda: self._flush(self.sdk_provider),
+            ),
+            "api": Variant(
+                "api",
+                lambda: self.instrumentor.instrument(tracer_provider=trace.NoOpTracerProvider()),
+                self.instrumentor.uninstrument,
+                per_handshake=0,
+            ),
+            "json_log": Variant(
+                "json_log",
+                lambda: wrap_function_wrapper(ssl.SSLObject, "do_handshake", json_log_wrapper),
+                lambda: unwrap(ssl.SSLObject, "do_handshake"),
+                produced=lambda: count_lines(self.log_path),
+                settle=self.handler.flush,
+            ),
+        }
+
+    @staticmethod
+    def _flush(provider: TracerProvider) -> None:
+        if not provider.force_flush(30_000):
+            raise RuntimeError("force_flush timed out")
+
+    def close(self) -> None:
+        self.floor_provider.shutdown()
+        self.sdk_provider.shutdown()
+        self.meter_provider.shutdown()
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
+# -- clean install / removal --------------------------------------------------------------
+
+
+def _patched_classes() -> list[type]:
+    classes: list[type] = [ssl.SSLObject, ssl.SSLSocket, asyncio.sslproto.SSLProtocol]
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        classes.append(uvloop.Loop)
+    return classes
+
+
+class PatchGuard:
+    """Snapshot the classes an instrumentation may patch; check they are back to pristine."""
+
+    def __init__(self) -> None:
+        self.classes = _patched_classes()
+        self.snapshot = [dict(vars(cls)) for cls in self.classes]
+        self.original = ssl.SSLObject.__dict__["do_handshake"]
+
+    def wrapped(self) -> bool:
+        return ssl.SSLObject.__dict__.get("do_handshake") is not self.original
+
+    def check_pristine(self, after: str) -> None:
+        for cls, before in zip(self.classes, self.snapshot, strict=True):
+            now = vars(cls)
+            changed = sorted(
+                name
+                for name in set(before) | set(now)
+                if name != "__dict__" and before.get(name, None) is not now.get(name, None)
+            )
+            if changed:
+                raise RuntimeError(f"{cls.__qualname__} not restored after {after}: {changed}")
+
+
+@contextmanager
+def installed(variant: Variant, guard: PatchGuard) -> Iterator[None]:
+    variant.install()
+    if variant.name != "bare" and not guard.wrapped():
+        raise RuntimeError(f"{variant.name}: ssl.SSLObject.do_handshake is not wrapped")
+    try:
+        yield
+    finally:
+        variant.uninstall()
+        guard.check_pristine(variant.name)
+
+
+# -- measurement --------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    variant: str
+    handshakes: int
+    cpu: float
+    wall: float
+
+    @property
+    def rate(self) -> float:
+        return self.handshakes / self.cpu
+
+
+@dataclass
+class Tally:
+    """Handshakes run and telemetry items produced, per variant, to check the output."""
+
+    handshakes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VARIANTS, 0))
+    produced: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VARIANTS, 0))
+
+
+class Bench:
+    def __init__(self, pki: Pki, variants: Variants, guard: PatchGuard) -> None:
+        self.pki = pki
+        self.variants = variants
+        self.guard = guard
+        self.session: ssl.SSLSession | None = None
+        self.tally = Tally()
+
+    def handshaker(self, kind: str) -> Handshake:
+        pki = self.pki
+        if kind == "full":
+            return lambda: handshake(pki)
+        # A fresh ticket per block: no ticket ages near its lifetime during a long run.
+        session = self.session = fresh_session(pki)
+        return lambda: handshake(pki, session)
+
+    def check(self, kind: str, server: ssl.SSLObject, client: ssl.SSLObject) -> None:
+        expect = kind == "resumed"
+        if server.session_reused != expect or client.session_reused != expect:
+            raise RuntimeError(
+                f"{kind} handshake: session_reused is server={server.session_reused} "
+                f"client={client.session_reused}, expected {expect}"
+            )
+        if client.version() != "TLSv1.3" or server.getpeercert(True) is None:
+            raise RuntimeError("not a TLS 1.3 mutual-TLS handshake")
+
+    def block(
+        self, kind: str, name: str, *, seconds: float = 0.0, count: int = 0, check_all: bool = False
+    ) -> Block:
+        """Run one block of ``name``: for ``seconds`` of wall time, or ``count`` handshakes."""
+        variant = self.variants.all[name]
+        run = self.handshaker(kind)
+        before = variant.produced() if variant.produced is not None else 0
+        with installed(variant, self.guard):
+            gc.collect()
+            clock, cpu_clock = time.perf_counter, time.process_time
+            n = 0
+            wall0, cpu0 = clock(), cpu_clock()
+            if count:
+                for _ in range(count):
+                    server, client = run()
+                    if check_all:
+                        self.check(kind, server, client)
+                n = count
+            else:
+                deadline = wall0 + seconds
+                while True:
+                    server, client = run()
+                    n += 1
+                    if clock() >= deadline:
+                        break
+            cpu1, wall1 = cpu_clock(), clock()
+            self.check(kind, server, client)
+            del server, client
+            variant.settle()
+        self.tally.handshakes[name] += n
+        if variant.produced is not None:
+            made = variant.produced() - before
+            self.tally.produced[name] += made
+            if made != n * variant.per_handshake:
+                raise RuntimeError(
+                    f"{name}: {n} handshakes produced {made} items, "
+                    f"expected {n * variant.per_handshake}"
+                )
+        return Block(name, n, cpu1 - cpu0, wall1 - wall0)
+
+
+def warm_up(bench: Bench) -> None:
+    """Check every variant on every kind (resumption included) before timing anything."""
+    for kind in KINDS:
+        for name in VARIANTS:
+            bench.block(kind, name, count=50, check_all=True)
+
+
+def run_kind(bench: Bench, kind: str, rounds: int, block_seconds: float) -> list[Block]:
+    """Blocks ``bare, A, B, bare, C, D, bare, ...``; A-D rotate one step each round."""
+    blocks = [bench.block(kind, "bare", seconds=block_seconds)]
+    for r in range(rounds):
+        shift = r % len(INSTRUMENTED)
+        order = INSTRUMENTED[shift:] + INSTRUMENTED[:shift]
+        half = len(order) // 2
+        for group in (order[:half], order[half:]):
+            for name in group:
+                blocks.append(bench.block(kind, name, seconds=block_seconds))
+            blocks.append(bench.block(kind, "bare", seconds=block_seconds))
+    return blocks
+
+
+# -- statistics and report ----------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    variant: str
+    rate: float
+    ratios: list[float]
+    overheads_us: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def overhead_us(self) -> float:
+        return statistics.median(self.overheads_us)
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def summarize(blocks: list[Block]) -> dict[str, Summary]:
+    """Compare each instrumented block with the mean rate of the bare blocks around it."""
+    bare_index = [i for i, b in enumerate(blocks) if b.variant == "bare"]
+    ratios: dict[str, list[float]] = {name: [] for name in INSTRUMENTED}
+    overheads: dict[str, list[float]] = {name: [] for name in INSTRUMENTED}
+    for i, b in enumerate(blocks):
+        if b.variant == "bare":
+            continue
+        before = max(j for j in bare_index if j < i)
+        after = min(j for j in bare_index if j > i)
+        reference = (blocks[before].rate + blocks[after].rate) / 2
+        ratios[b.variant].append(b.rate / reference)
+        overheads[b.variant].append((1 / b.rate - 1 / reference) * 1e6)
+    bare_rates = [blocks[j].rate for j in bare_index]
+    result = {"bare": Summary("bare", statistics.median(bare_rates), [1.0], [0.0])}
+    for name in INSTRUMENTED:
+        rate = statistics.median(b.rate for b in blocks if b.variant == name)
+        result[name] = Summary(name, rate, ratios[name], overheads[name])
+    return result
+
+
+def print_table(kind: str, summary: dict[str, Summary], blocks: list[Block]) -> None:
+    bare = summary["bare"]
+    spread = [b.rate for b in blocks if b.variant == "bare"]
+    q1, q3 = quartiles(spread)
+    print(
+        f"\n{kind} handshakes ({len(blocks)} blocks, bare: {1e6 / bare.rate:.1f} us per "
+        f"handshake, bare-block rate IQR {q1:,.0f}-{q3:,.0f}/s)"
+    )
+    header = (
+        f"  {'variant':<9} {'handshakes/s':>12} {'ratio':>7} {'ratio IQR':>15} "
+        f"{'overhead us':>12} {'overhead IQR':>15}"
+    )
+    print(header)
+    print("  " + "-" * (len(header) - 2))
+    for name in VARIANTS:
+        s = summary[name]
+        if name == "bare":
+            print(f"  {name:<9} {s.rate:>12,.0f} {1.0:>7.4f} {'':>15} {0.0:>12.1f}")
+            continue
+        r1, r3 = quartiles(s.ratios)
+        o1, o3 = quartiles(s.overheads_us)
+        print(
+            f"  {name:<9} {s.rate:>12,.0f} {s.ratio:>7.4f} {f'{r1:.4f}-{r3:.4f}':>15} "
+            f"{s.overhead_us:>12.1f} {f'{o1:.1f}-{o3:.1f}':>15}"
+        )
+
+
+def print_targets(kind: str, summary: dict[str, Summary]) -> list[bool]:
+    api, sdk, floor, log = (summary[n] for n in ("api", "sdk", "floor", "json_log"))
+    limit = 1.5 * floor.overhead_us
+    checks = [
+        (
+            f"api ratio >= 0.99: {api.ratio:.4f}",
+            api.ratio >= 0.99,
+        ),
+        (
+            f"sdk overhead <= 1.5 x floor overhead: {sdk.overhead_us:.1f} us vs "
+            f"1.5 x {floor.overhead_us:.1f} = {limit:.1f} us "
+            f"({sdk.overhead_us / floor.overhead_us:.2f} x floor)"
+            if floor.overhead_us > 0
+            else f"sdk overhead <= 1.5 x floor overhead: floor overhead {floor.overhead_us:.1f} us "
+            "is not positive (noise)",
+            sdk.overhead_us <= limit,
+        ),
+        (
+            f"sdk throughput > json_log throughput: ratio {sdk.ratio:.4f} vs {log.ratio:.4f}",
+            sdk.ratio > log.ratio,
+        ),
+    ]
+    print(f"  targets ({kind}):")
+    for text, met in checks:
+        print(f"    [{'MET   ' if met else 'MISSED'}] {text}")
+    return [met for _, met in checks]
+
+
+def versions() -> str:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    return "\n".join(
+        [
+            f"Python {platform.python_version()} ({platform.python_implementation()}, "
+            f"{platform.machine()}), {ssl.OPENSSL_VERSION}",
+            f"opentelemetry-instrumentation-mtls {mtls_version}; "
+            f"opentelemetry-api {version('opentelemetry-api')}, "
+            f"opentelemetry-sdk {version('opentelemetry-sdk')}, "
+            f"opentelemetry-instrumentation {version('opentelemetry-instrumentation')}, "
+            f"wrapt {version('wrapt')}, cryptography {version('cryptography')}, "
+            f"trustme {version('trustme')}",
+        ]
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="total time of the timed blocks, both kinds together (default 72; --quick: 8)",
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="block rounds per handshake kind; each round is one block of every variant "
+        "and two bare blocks (default 12; --quick: 4)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a ~10 s smoke run")
+    args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 8.0 if args.quick else 72.0
+    if args.blocks is None:
+        args.blocks = 4 if args.quick else 12
+    if args.seconds <= 0 or args.blocks < 1:
+        parser.error("--seconds must be positive and --blocks at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rounds: int = args.blocks
+    blocks_per_kind = 1 + rounds * (len(INSTRUMENTED) + 2)
+    block_seconds = args.seconds / (len(KINDS) * blocks_per_kind)
+    print(versions())
+    print(
+        f"{len(KINDS)} kinds x {rounds} rounds x {len(INSTRUMENTED) + 2} blocks (+1) of "
+        f"{block_seconds:.3f} s; rate = handshakes per second of process CPU time, "
+        "server + client side in one process over memory BIOs"
+    )
+    sys.stdout.flush()
+
+    guard = PatchGuard()
+    pki = make_pki()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mtls-bench-") as log_dir:
+        variants = Variants(log_dir)
+        try:
+            bench = Bench(pki, variants, guard)
+            warm_up(bench)
+            sdk_span = variants.sdk_exporter.last
+            results = {kind: run_kind(bench, kind, rounds, block_seconds) for kind in KINDS}
+        finally:
+            variants.close()
+        guard.check_pristine("the run")
+
+    tally = bench.tally
+    print(
+        "sanity: resumption verified (session_reused on both sides, every warm-up handshake "
+        "and the last handshake of every resumed block); classes restored after every block"
+    )
+    for name in VARIANTS:
+        n = tally.handshakes[name]
+        variant = variants.all[name]
+        if variant.produced is None:
+            what = "no output by design" if name == "bare" else "no-op provider, no spans"
+            print(f"  {name:<9} {n:>8,} handshakes: {what}")
+        else:
+            unit = "log lines" if name == "json_log" else "spans"
+            print(
+                f"  {name:<9} {n:>8,} handshakes: {tally.produced[name]:>8,} {unit} "
+                f"(expected {n * variant.per_handshake:,})"
+            )
+    if sdk_span is not None:
+        print(
+            f"  last sdk warm-up span: {sdk_span.name!r} with "
+            f"{len(sdk_span.attributes or {})} attributes"
+        )
+
+    met: list[bool] = []
+    for kind, blocks in results.items():
+        summary = summarize(blocks)
+        print_table(kind, summary, blocks)
+        met += print_targets(kind, summary)
+    print(
+        f"\n{sum(met)} of {len(met)} targets met; "
+        f"{time.perf_counter() - started:.0f} s including warm-up and flushes"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
