@@ -233,3 +233,42 @@ def test_client_span_is_child_of_current_span(
     assert [s.parent.span_id if s.parent else None for s in clients] == [parent_id, parent_id]
     # Negative control: server spans are roots, whatever is current.
     assert [s.parent for s in handshake_spans(exporter, "server")] == [None, None]
+
+
+def test_resumed_handshake_and_alpn(pki: PKI, exporter: InMemorySpanExporter) -> None:
+    server_ctx = pki.server_context()
+    server_ctx.set_alpn_protocols(["h2", "http/1.1"])
+    client_ctx = pki.client_context(pki.client)
+    client_ctx.set_alpn_protocols(["h2"])
+    session: ssl.SSLSession | None = None
+    resumed: list[bool] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"x")  # TLS 1.3 tickets travel after the handshake
+                    tls.recv(1)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        for _ in range(2):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+                client_ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+            ):
+                tls.recv(1)
+                resumed.append(tls.session_reused)
+                session = tls.session
+                tls.sendall(b"y")
+        thread.join(TIMEOUT)
+    assert resumed == [False, True]
+    for side in ("server", "client"):
+        spans = [s.attributes or {} for s in handshake_spans(exporter, side)]
+        assert [a["tls.resumed"] for a in spans] == [False, True]
+        assert [a["tls.next_protocol"] for a in spans] == ["h2", "h2"]
+    servers = [s.attributes or {} for s in handshake_spans(exporter, "server")]
+    # The resumed session still names the client it was first established with.
+    assert servers[1]["tls.client.subject"] == servers[0]["tls.client.subject"]

@@ -88,6 +88,7 @@ def check_common(span: ReadableSpan, error_type: str | None, version: str) -> di
         assert attrs["tls.protocol.version"] == version
         assert str(attrs["tls.cipher"]).startswith("TLS_")
         assert attrs["tls.resumed"] is False
+        assert "tls.next_protocol" not in attrs  # no ALPN offered here
         assert not span.events
     else:
         assert span.status.status_code is StatusCode.ERROR
