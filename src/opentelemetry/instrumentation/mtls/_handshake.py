@@ -14,7 +14,7 @@ from opentelemetry.context import Context
 
 from opentelemetry.instrumentation.mtls import _errors
 from opentelemetry.instrumentation.mtls._certificate import CertificateInfo, parse_certificate
-from opentelemetry.instrumentation.mtls._tls_values import iana_cipher_name, protocol_version
+from opentelemetry.instrumentation.mtls._tls_values import IANA_CIPHER_NAMES, PROTOCOL_VERSIONS
 from opentelemetry.instrumentation.mtls.attributes import (
     VERIFY_RESULT_FAILED,
     VERIFY_RESULT_NONE,
@@ -58,13 +58,19 @@ class HandshakeRecord:
 
 def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chain: bool) -> None:
     """Read what a completed handshake negotiated and who the peer was."""
-    record.protocol_version = protocol_version(endpoint.version())
-    cipher = endpoint.cipher()
+    # Both SSLSocket and SSLObject delegate each of these to the same methods of their
+    # ``_sslobj`` (the C object); calling it directly saves a Python frame per value.
+    tls = getattr(endpoint, "_sslobj", None) or endpoint
+    # Table look-ups rather than calls: this runs on every handshake (see _hooks).
+    version = tls.version()
+    if version is not None:
+        record.protocol_version = PROTOCOL_VERSIONS.get(version)
+    cipher = tls.cipher()
     if cipher is not None:
-        record.cipher = iana_cipher_name(cipher[0])
-    record.resumed = bool(endpoint.session_reused)
-    record.next_protocol = endpoint.selected_alpn_protocol()
-    der = endpoint.getpeercert(True)
+        record.cipher = IANA_CIPHER_NAMES.get(cipher[0], cipher[0])
+    record.resumed = bool(tls.session_reused)
+    record.next_protocol = tls.selected_alpn_protocol()
+    der = tls.getpeercert(True)
     if der:
         record.peer_der = der
         record.peer_certificate = parse_certificate(der)

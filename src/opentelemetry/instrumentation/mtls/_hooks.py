@@ -26,13 +26,11 @@ import ssl
 import sys
 import weakref
 from collections import deque
-from collections.abc import Callable
 from time import time_ns
 from typing import Any, Final
 
-from opentelemetry.context import get_current
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
-from wrapt import wrap_function_wrapper
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
+from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
 from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
@@ -43,6 +41,7 @@ from opentelemetry.instrumentation.mtls._handshake import (
     fill_failure,
     fill_success,
 )
+from opentelemetry.instrumentation.mtls._patch import Method, Patches
 from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -55,20 +54,18 @@ _DEFAULT_LOOP_HANDSHAKE_TIMEOUT: Final = 60.0
 _TIMEOUT_SHARE: Final = 0.9
 _MAX_ORPHANS: Final = 65536
 
-Wrapped = Callable[..., Any]
-
 
 class _Attempt:
     """A handshake attempt in progress; reports itself when abandoned with its ssl object."""
 
-    __slots__ = ("hooks", "loop", "open", "record", "timeout")
+    __slots__ = ("context", "hooks", "loop", "open", "record")
 
     def __init__(self, hooks: SSLHooks, record: HandshakeRecord) -> None:
         self.hooks = hooks
         self.record = record
         self.open = True
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.timeout: float | None = None
+        self.context: ssl.SSLContext | None = None
 
     def __del__(self) -> None:
         if self.open:
@@ -76,46 +73,35 @@ class _Attempt:
 
 
 class SSLHooks:
-    """Install, run and remove the wrappers around the ssl handshake methods."""
+    """Install, run and remove the hooks around the ssl handshake methods."""
 
     def __init__(self, telemetry: HandshakeTelemetry, config: MTLSConfig) -> None:
         self._telemetry = telemetry
         self._config = config
         self._installed = False
+        self._patches = Patches()
         # Attempts abandoned inside a finalizer: emitted later, outside the garbage
         # collector, where taking the SDK's locks cannot deadlock.
         self._orphans: deque[HandshakeRecord] = deque(maxlen=_MAX_ORPHANS)
         self._timeouts: weakref.WeakKeyDictionary[ssl.SSLContext, float] = (
             weakref.WeakKeyDictionary()
         )
-        # (owner, name, whether owner defined it itself rather than inheriting it)
-        self._restore: list[tuple[type, str, bool]] = []
 
     # -- install / uninstall -------------------------------------------------------
 
     def install(self) -> None:
-        """Wrap the handshake methods (and asyncio's and uvloop's SSL plumbing)."""
-        self._wrap(ssl.SSLSocket, "do_handshake", self._do_handshake)
-        self._wrap(ssl.SSLObject, "do_handshake", self._do_handshake)
+        """Patch the handshake methods (and asyncio's and uvloop's SSL plumbing)."""
+        self._patches.replace(ssl.SSLSocket, "do_handshake", self._do_handshake)
+        self._patches.replace(ssl.SSLObject, "do_handshake", self._do_handshake)
         self._install_asyncio()
         self._install_uvloop()
         self._installed = True
 
     def uninstall(self) -> None:
-        """Put back the original methods, in reverse order of wrapping."""
+        """Put back the original methods."""
         self._installed = False
-        while self._restore:
-            owner, name, own = self._restore.pop()
-            if own:
-                unwrap(owner, name)
-            else:
-                delattr(owner, name)
+        self._patches.restore()
         self._orphans.clear()
-
-    def _wrap(self, owner: type, name: str, wrapper: Wrapped) -> None:
-        own = name in vars(owner)
-        wrap_function_wrapper(owner, name, wrapper)
-        self._restore.append((owner, name, own))
 
     def _install_asyncio(self) -> None:
         # Python 3.11 rewrote asyncio's SSL protocol after uvloop's; 3.10's older
@@ -123,70 +109,100 @@ class SSLHooks:
         protocol = asyncio.sslproto.SSLProtocol
         if sys.version_info < (3, 11) or not hasattr(protocol, "_check_handshake_timeout"):
             return
-        self._wrap(protocol, "connection_made", self._protocol_connection_made)
-        self._wrap(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
-        self._wrap(protocol, "_check_handshake_timeout", self._protocol_handshake_timeout)
-        self._wrap(protocol, "connection_lost", self._protocol_connection_lost)
+        replace = self._patches.replace
+        replace(protocol, "connection_made", self._protocol_connection_made)
+        replace(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
+        replace(protocol, "_check_handshake_timeout", self._protocol_handshake_timeout)
+        replace(protocol, "connection_lost", self._protocol_connection_lost)
 
     def _install_uvloop(self) -> None:
-        # uvloop's SSL protocol is compiled and cannot be wrapped; what it was told
+        # uvloop's SSL protocol is compiled and cannot be patched; what it was told
         # about the handshake timeout is learnt where servers are created.
         if importlib.util.find_spec("uvloop") is None:
             return
         import uvloop  # noqa: PLC0415  # optional, only where installed
 
-        self._wrap(uvloop.Loop, "create_server", self._create_server)
+        self._patches.replace(uvloop.Loop, "create_server", self._create_server)
 
-    # -- ssl wrappers --------------------------------------------------------------
+    # -- the handshake methods -----------------------------------------------------
 
-    def _do_handshake(
-        self, wrapped: Wrapped, instance: SSLEndpoint | None, args: Any, kwargs: Any
-    ) -> Any:
-        endpoint = instance if instance is not None else args[0]
-        state: dict[str, Any] | None = getattr(endpoint, "__dict__", None)
-        attempt: _Attempt | None = state.get(_PENDING) if state is not None else None
-        if attempt is None:
-            if state is None or not is_instrumentation_enabled():
-                return wrapped(*args, **kwargs)
-            attempt = self._begin(endpoint)
+    def _do_handshake(self, original: Method) -> Method:
+        """Make the replacement of ``SSLSocket.do_handshake`` or ``SSLObject.do_handshake``.
+
+        The whole per-call path is this one function: a handshake runs while OpenSSL has
+        evicted Python from the CPU's caches, so every extra frame on it is measurable
+        (benchmarks/handshake_overhead.py), and an exception that crosses one more frame
+        costs more than the frame.
+        """
+        recording = self._telemetry.recording
+        begin, suspend, finish = self._begin, self._suspend, self._finish
+        record_failure = self._record_unrecorded_failure
+
+        def do_handshake(self: SSLEndpoint, *args: Any, **kwargs: Any) -> Any:
+            state = self.__dict__
+            attempt: _Attempt | None = state.get(_PENDING)
             if attempt is None:
-                return wrapped(*args, **kwargs)
-        try:
-            result = wrapped(*args, **kwargs)
-        except _AGAIN:
-            if state is not None and _PENDING not in state:
-                self._suspend(endpoint, state, attempt)
-            raise
-        except BaseException as exc:
+                if not recording():
+                    # Nothing records a success: only a failure is worth a record (logs).
+                    try:
+                        return original(self, *args, **kwargs)
+                    except _AGAIN:
+                        raise
+                    except BaseException as exc:
+                        record_failure(self, exc)
+                        raise
+                attempt = begin(self)
+                if attempt is None:
+                    return original(self, *args, **kwargs)
+            try:
+                result = original(self, *args, **kwargs)
+            except _AGAIN:
+                if _PENDING not in state:
+                    suspend(self, attempt)
+                raise
+            except BaseException as exc:
+                finish(self, attempt, exc)
+                raise
+            finish(self, attempt, None)
+            return result
+
+        return do_handshake
+
+    def _record_unrecorded_failure(self, endpoint: SSLEndpoint, exc: BaseException) -> None:
+        attempt = self._begin(endpoint)
+        if attempt is not None:
             self._finish(endpoint, attempt, exc)
-            raise
-        self._finish(endpoint, attempt, None)
-        return result
 
     def _begin(self, endpoint: SSLEndpoint) -> _Attempt | None:
+        """Start the record of a new attempt; None when instrumentation is suppressed."""
+        # What is_instrumentation_enabled() checks, with one context look-up, which
+        # also serves as the client span's parent.
+        context = get_current()
+        if context.get(_SUPPRESS_INSTRUMENTATION_KEY) or context.get(
+            _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
+        ):
+            return None
         try:
             if self._orphans:
                 self.drain_orphans()
             server_side = endpoint.server_side
             record = HandshakeRecord(server_side=server_side, start_ns=time_ns(), end_ns=0)
             if not server_side:
-                record.parent = get_current()
+                record.parent = context
                 record.server_name = endpoint.server_hostname
             return _Attempt(self, record)
         except Exception as exc:
             _failsafe.report("starting a handshake record", exc)
             return None
 
-    def _suspend(self, endpoint: SSLEndpoint, state: dict[str, Any], attempt: _Attempt) -> None:
+    def _suspend(self, endpoint: SSLEndpoint, attempt: _Attempt) -> None:
         """Keep a non-blocking attempt on its ssl object until it returns or is abandoned."""
         try:
-            state[_PENDING] = attempt
-            loop = asyncio.events._get_running_loop()
-            if loop is not None:
-                attempt.loop = loop
-                attempt.timeout = self._timeouts.get(
-                    endpoint.context, _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
-                )
+            endpoint.__dict__[_PENDING] = attempt
+            if attempt.loop is None:
+                attempt.loop = asyncio.events._get_running_loop()
+            # Read through the C object: SSLObject.context is a Python property.
+            attempt.context = getattr(endpoint, "_sslobj", endpoint).context
         except Exception as exc:
             _failsafe.report("suspending a handshake record", exc)
 
@@ -221,7 +237,11 @@ class SSLHooks:
                 return
             record = attempt.record
             record.end_ns = time_ns()
-            timeout = attempt.timeout
+            timeout = None
+            if attempt.loop is not None:
+                timeout = _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
+                if attempt.context is not None:
+                    timeout = self._timeouts.get(attempt.context, timeout)
             elapsed = (record.end_ns - record.start_ns) / 1e9
             if timeout is not None and elapsed >= timeout * _TIMEOUT_SHARE:
                 fill_failure(record, _timeout_error(timeout))
@@ -249,50 +269,62 @@ class SSLHooks:
 
     # -- asyncio's SSLProtocol (Python 3.11+) --------------------------------------
 
-    def _protocol_connection_made(
-        self, wrapped: Wrapped, instance: Any, args: Any, kwargs: Any
-    ) -> Any:
+    def _protocol_connection_made(self, original: Method) -> Method:
+        begin_with_addresses = self._begin_with_addresses
+
+        def connection_made(self: Any, transport: asyncio.BaseTransport) -> None:
+            begin_with_addresses(self, transport)
+            original(self, transport)
+
+        return connection_made
+
+    def _begin_with_addresses(self, protocol: Any, transport: asyncio.BaseTransport) -> None:
         try:
-            sslobj = getattr(instance, "_sslobj", None)
+            sslobj = getattr(protocol, "_sslobj", None)
             if (
                 isinstance(sslobj, ssl.SSLObject)
                 and _PENDING not in sslobj.__dict__
-                and is_instrumentation_enabled()
+                and self._telemetry.recording()
             ):
                 attempt = self._begin(sslobj)
                 if attempt is not None:
-                    transport = args[0] if args else kwargs["transport"]
-                    attempt.record.local_address = _address(transport.get_extra_info("sockname"))
-                    attempt.record.peer_address = _address(transport.get_extra_info("peername"))
-                    attempt.loop = instance._loop
+                    record = attempt.record
+                    record.local_address = _address(transport.get_extra_info("sockname"))
+                    record.peer_address = _address(transport.get_extra_info("peername"))
+                    attempt.loop = protocol._loop
                     sslobj.__dict__[_PENDING] = attempt
         except Exception as exc:
             _failsafe.report("reading a connection's addresses", exc)
-        return wrapped(*args, **kwargs)
 
-    def _protocol_handshake_complete(
-        self, wrapped: Wrapped, instance: Any, args: Any, kwargs: Any
-    ) -> Any:
-        handshake_exc = args[0] if args else kwargs.get("handshake_exc")
-        if handshake_exc is not None:
-            # An ssl.SSLError was recorded where do_handshake raised it; what is still
-            # pending here is asyncio's own verdict, e.g. the peer's EOF.
-            if isinstance(handshake_exc, type):
-                handshake_exc = _closed_error()
-            self._end_pending(instance, handshake_exc)
-        return wrapped(*args, **kwargs)
+    def _protocol_handshake_complete(self, original: Method) -> Method:
+        end_pending = self._end_pending
 
-    def _protocol_handshake_timeout(
-        self, wrapped: Wrapped, instance: Any, args: Any, kwargs: Any
-    ) -> Any:
-        self._end_pending(instance, _timeout_error(getattr(instance, "_ssl_handshake_timeout", 0)))
-        return wrapped(*args, **kwargs)
+        def _on_handshake_complete(self: Any, handshake_exc: Any) -> None:
+            if handshake_exc is not None:
+                # An ssl.SSLError was recorded where do_handshake raised it; what is still
+                # pending here is asyncio's own verdict: the peer's EOF.
+                end_pending(self, _closed_error())
+            original(self, handshake_exc)
 
-    def _protocol_connection_lost(
-        self, wrapped: Wrapped, instance: Any, args: Any, kwargs: Any
-    ) -> Any:
-        self._end_pending(instance, _closed_error())
-        return wrapped(*args, **kwargs)
+        return _on_handshake_complete
+
+    def _protocol_handshake_timeout(self, original: Method) -> Method:
+        end_pending = self._end_pending
+
+        def _check_handshake_timeout(self: Any) -> None:
+            end_pending(self, _timeout_error(getattr(self, "_ssl_handshake_timeout", 0)))
+            original(self)
+
+        return _check_handshake_timeout
+
+    def _protocol_connection_lost(self, original: Method) -> Method:
+        end_pending = self._end_pending
+
+        def connection_lost(self: Any, exc: BaseException | None) -> None:
+            end_pending(self, _closed_error())
+            original(self, exc)
+
+        return connection_lost
 
     def _end_pending(self, protocol: Any, exc: BaseException) -> None:
         try:
@@ -306,17 +338,25 @@ class SSLHooks:
 
     # -- uvloop --------------------------------------------------------------------
 
-    def _create_server(self, wrapped: Wrapped, instance: Any, args: Any, kwargs: Any) -> Any:
+    def _create_server(self, original: Method) -> Method:
+        remember = self._remember_timeout
+
+        def create_server(self: Any, *args: Any, **kwargs: Any) -> Any:
+            remember(kwargs.get("ssl"), kwargs.get("ssl_handshake_timeout"))
+            return original(self, *args, **kwargs)
+
+        return create_server
+
+    def _remember_timeout(self, context: object, timeout: object) -> None:
         try:
-            context = kwargs.get("ssl")
             if isinstance(context, ssl.SSLContext):
-                timeout = kwargs.get("ssl_handshake_timeout")
                 self._timeouts[context] = (
-                    float(timeout) if timeout is not None else _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
+                    float(timeout)  # type: ignore[arg-type]
+                    if timeout is not None
+                    else _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
                 )
         except Exception as exc:
             _failsafe.report("reading a server's handshake timeout", exc)
-        return wrapped(*args, **kwargs)
 
 
 def _address(value: object) -> Address | None:

@@ -19,7 +19,7 @@ from opentelemetry.semconv.attributes import (
     exception_attributes,
     server_attributes,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NoOpTracer, ProxyTracer, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from opentelemetry.instrumentation.mtls import attributes as names
@@ -170,11 +170,26 @@ def handshake_attributes(record: HandshakeRecord, config: MTLSConfig) -> Attribu
 class HandshakeTelemetry:
     """Emit the telemetry of handshake records: one span per record."""
 
-    __slots__ = ("_config", "_tracer")
+    __slots__ = ("_config", "_proxy", "_recording", "_tracer")
 
     def __init__(self, tracer: Tracer, config: MTLSConfig) -> None:
         self._tracer = tracer
         self._config = config
+        # The global tracer is a proxy that starts recording once an SDK provider is
+        # set, which may happen after instrument(): it must be asked every time.
+        self._proxy = tracer if isinstance(tracer, ProxyTracer) else None
+        self._recording = not isinstance(tracer, NoOpTracer)
+
+    def recording(self) -> bool:
+        """Whether a successful handshake would be recorded at all.
+
+        With the API alone every span is a no-op, so the hooks skip building records
+        for successes; failures are still recorded for the security-event logs.
+        """
+        proxy = self._proxy
+        if proxy is None:
+            return self._recording
+        return not isinstance(proxy._tracer, NoOpTracer)
 
     def emit(self, record: HandshakeRecord) -> None:
         """Emit the span of one finished handshake attempt."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "IANA_CIPHER_NAMES",
+    "PROTOCOL_VERSIONS",
     "iana_cipher_code",
     "iana_cipher_name",
     "protocol_name",
@@ -206,6 +208,13 @@ _PROTOCOLS: Final[dict[str, tuple[str, str, int]]] = {
 _PROTOCOL_NAME: Final[dict[str, str]] = {k: v[0] for k, v in _PROTOCOLS.items()}
 _PROTOCOL_VERSION: Final[dict[str, str]] = {k: v[1] for k, v in _PROTOCOLS.items()}
 _PROTOCOL_CODE: Final[dict[str, int]] = {k: v[2] for k, v in _PROTOCOLS.items()}
+
+
+PROTOCOL_VERSIONS: Final = _PROTOCOL_VERSION
+"""``version()`` -> bare version, the table behind :func:`protocol_version` (for hot paths)."""
+
+IANA_CIPHER_NAMES: Final = _IANA_NAME
+"""OpenSSL cipher name -> IANA name, the table behind :func:`iana_cipher_name`."""
 
 
 def protocol_version(ssl_version: str | None) -> str | None:
