@@ -25,6 +25,7 @@ import importlib.util
 import ssl
 import sys
 import weakref
+from asyncio.events import _get_running_loop
 from collections import deque
 from time import time_ns
 from typing import Any, Final
@@ -55,17 +56,19 @@ _TIMEOUT_SHARE: Final = 0.9
 _MAX_ORPHANS: Final = 65536
 
 
-class _Attempt:
-    """A handshake attempt in progress; reports itself when abandoned with its ssl object."""
+class _Attempt(HandshakeRecord):
+    """The record of an attempt in progress; reports itself if abandoned with its ssl object.
 
-    __slots__ = ("context", "hooks", "loop", "open", "record")
+    A subclass rather than a wrapper so that each attempt allocates one object: the
+    handshake path is measured in single allocations (see ``_do_handshake``).
+    """
 
-    def __init__(self, hooks: SSLHooks, record: HandshakeRecord) -> None:
-        self.hooks = hooks
-        self.record = record
-        self.open = True
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.context: ssl.SSLContext | None = None
+    __slots__ = ("hooks", "loop", "open", "ssl_context")
+
+    hooks: SSLHooks
+    loop: asyncio.AbstractEventLoop | None
+    open: bool
+    ssl_context: ssl.SSLContext | None
 
     def __del__(self) -> None:
         if self.open:
@@ -135,7 +138,7 @@ class SSLHooks:
         costs more than the frame.
         """
         recording = self._telemetry.recording
-        begin, suspend, finish = self._begin, self._suspend, self._finish
+        begin, finish = self._begin, self._finish
         record_failure = self._record_unrecorded_failure
 
         def do_handshake(self: SSLEndpoint, *args: Any, **kwargs: Any) -> Any:
@@ -158,7 +161,11 @@ class SSLHooks:
                 result = original(self, *args, **kwargs)
             except _AGAIN:
                 if _PENDING not in state:
-                    suspend(self, attempt)
+                    # Kept until a later call returns, or the ssl object is freed.
+                    state[_PENDING] = attempt
+                    if attempt.loop is None:
+                        attempt.loop = _get_running_loop()
+                        attempt.ssl_context = self._sslobj.context  # type: ignore[union-attr]
                 raise
             except BaseException as exc:
                 finish(self, attempt, exc)
@@ -185,41 +192,37 @@ class SSLHooks:
         try:
             if self._orphans:
                 self.drain_orphans()
-            server_side = endpoint.server_side
-            record = HandshakeRecord(server_side=server_side, start_ns=time_ns(), end_ns=0)
+            # The C object's getters: SSLObject's are Python properties over them.
+            tls: Any = endpoint._sslobj  # type: ignore[union-attr]
+            server_side = tls.server_side
+            attempt = _Attempt(server_side=server_side, start_ns=time_ns(), end_ns=0)
+            attempt.hooks = self
+            attempt.open = True
+            attempt.loop = None
+            attempt.ssl_context = None
             if not server_side:
-                record.parent = context
-                record.server_name = endpoint.server_hostname
-            return _Attempt(self, record)
+                attempt.parent = context
+                attempt.server_name = tls.server_hostname
+            return attempt
         except Exception as exc:
             _failsafe.report("starting a handshake record", exc)
             return None
-
-    def _suspend(self, endpoint: SSLEndpoint, attempt: _Attempt) -> None:
-        """Keep a non-blocking attempt on its ssl object until it returns or is abandoned."""
-        try:
-            endpoint.__dict__[_PENDING] = attempt
-            if attempt.loop is None:
-                attempt.loop = asyncio.events._get_running_loop()
-            # Read through the C object: SSLObject.context is a Python property.
-            attempt.context = getattr(endpoint, "_sslobj", endpoint).context
-        except Exception as exc:
-            _failsafe.report("suspending a handshake record", exc)
 
     def _finish(self, endpoint: SSLEndpoint, attempt: _Attempt, exc: BaseException | None) -> None:
         end_ns = time_ns()
         try:
             attempt.open = False
             endpoint.__dict__.pop(_PENDING, None)
-            record = attempt.record
-            record.end_ns = end_ns
-            if isinstance(endpoint, ssl.SSLSocket) and record.peer_address is None:
-                record.local_address, record.peer_address = _socket_addresses(endpoint)
+            attempt.end_ns = end_ns
+            if isinstance(endpoint, ssl.SSLSocket) and attempt.peer_address is None:
+                attempt.local_address, attempt.peer_address = _socket_addresses(endpoint)
             if exc is None:
-                fill_success(record, endpoint, capture_chain=self._config.capture_certificate_chain)
+                fill_success(
+                    attempt, endpoint, capture_chain=self._config.capture_certificate_chain
+                )
             else:
-                fill_failure(record, exc)
-            self._telemetry.emit(record)
+                fill_failure(attempt, exc)
+            self._telemetry.emit(attempt)
         except Exception as error:
             _failsafe.report("recording a handshake", error)
 
@@ -235,19 +238,18 @@ class SSLHooks:
             attempt.open = False
             if not self._installed:
                 return
-            record = attempt.record
-            record.end_ns = time_ns()
+            attempt.end_ns = time_ns()
             timeout = None
             if attempt.loop is not None:
                 timeout = _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
-                if attempt.context is not None:
-                    timeout = self._timeouts.get(attempt.context, timeout)
-            elapsed = (record.end_ns - record.start_ns) / 1e9
+                if attempt.ssl_context is not None:
+                    timeout = self._timeouts.get(attempt.ssl_context, timeout)
+            elapsed = (attempt.end_ns - attempt.start_ns) / 1e9
             if timeout is not None and elapsed >= timeout * _TIMEOUT_SHARE:
-                fill_failure(record, _timeout_error(timeout))
+                fill_failure(attempt, _timeout_error(timeout))
             else:
-                fill_failure(record, _closed_error())
-            self._orphans.append(record)
+                fill_failure(attempt, _closed_error())
+            self._orphans.append(attempt)
             loop = attempt.loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self.drain_orphans)
@@ -288,9 +290,8 @@ class SSLHooks:
             ):
                 attempt = self._begin(sslobj)
                 if attempt is not None:
-                    record = attempt.record
-                    record.local_address = _address(transport.get_extra_info("sockname"))
-                    record.peer_address = _address(transport.get_extra_info("peername"))
+                    attempt.local_address = _address(transport.get_extra_info("sockname"))
+                    attempt.peer_address = _address(transport.get_extra_info("peername"))
                     attempt.loop = protocol._loop
                     sslobj.__dict__[_PENDING] = attempt
         except Exception as exc:
