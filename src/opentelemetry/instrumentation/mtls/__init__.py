@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-defined]
     BaseInstrumentor,
 )
@@ -63,17 +63,20 @@ class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
-        config = MTLSConfig.load(
-            capture_certificate=kwargs.get("capture_certificate"),
-            capture_certificate_chain=kwargs.get("capture_certificate_chain"),
-        )
+        config = MTLSConfig.load(kwargs)
         tracer = trace.get_tracer(
             __name__,
             __version__,
             tracer_provider=kwargs.get("tracer_provider"),
             schema_url=_SCHEMA_URL,
         )
-        hooks = SSLHooks(HandshakeTelemetry(tracer, config), config)
+        meter = metrics.get_meter(
+            __name__,
+            __version__,
+            meter_provider=kwargs.get("meter_provider"),
+            schema_url=_SCHEMA_URL,
+        )
+        hooks = SSLHooks(HandshakeTelemetry(tracer, meter, config), config)
         hooks.install()
         type(self)._hooks = hooks
 

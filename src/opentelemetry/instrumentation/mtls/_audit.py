@@ -22,9 +22,11 @@ from typing import Final
 
 from opentelemetry.util.types import AttributeValue
 
+from opentelemetry.instrumentation.mtls.attributes import TLS_LOG_SUPPRESSED_COUNT
+
 AUDIT_LOGGER_NAME: Final = "opentelemetry.instrumentation.mtls.audit"
 EVENT_NAME: Final = "event.name"
-SUPPRESSED_COUNT: Final = "tls.log.suppressed_count"
+SUPPRESSED_COUNT: Final = TLS_LOG_SUPPRESSED_COUNT
 
 HANDSHAKE_FAILED: Final = "tls.handshake.failed"
 HANDSHAKE_SUCCEEDED: Final = "tls.handshake.succeeded"
@@ -33,6 +35,10 @@ CERTIFICATE_EXPIRING: Final = "tls.certificate.expiring"
 IDENTITY_DENIED: Final = "tls.identity.denied"
 
 audit_logger = logging.getLogger(AUDIT_LOGGER_NAME)
+# A library's loggers stay silent until the application configures logging (or the
+# OpenTelemetry logging bridge): without this, Python's last-resort handler would print
+# every failed handshake to stderr.
+logging.getLogger("opentelemetry.instrumentation.mtls").addHandler(logging.NullHandler())
 
 # Keys remembered by the rate limiter; past this the least recently seen are dropped,
 # so a flood from many addresses cannot grow memory.

@@ -169,3 +169,19 @@ def parse_certificate(der: bytes) -> CertificateInfo:
 def der_to_pem(der: bytes) -> str:
     """Return the PEM text of a DER certificate."""
     return ssl.DER_cert_to_PEM_cert(der)
+
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+def first_pem_certificate(pem: bytes) -> bytes | None:
+    """Return the DER of the first certificate in PEM text (a chain file's leaf), or None."""
+    start = pem.find(_PEM_BEGIN)
+    end = pem.find(_PEM_END, start)
+    if start < 0 or end < 0:
+        return None
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem[start : end + len(_PEM_END)].decode("ascii"))
+    except ValueError:
+        return None

@@ -10,61 +10,85 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Final
 
 _logger = logging.getLogger("opentelemetry.instrumentation.mtls")
 
-OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE: Final = "OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE"
-"""``true`` records the peer's PEM leaf certificate as ``tls.*.certificate``."""
-
-OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE_CHAIN: Final = "OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE_CHAIN"
-"""``true`` records the peer's PEM chain as ``tls.*.certificate_chain``."""
-
 _TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off", ""})
+_FALSE = frozenset({"false", "0", "no", "off"})
 
 
-def env_bool(name: str, default: bool) -> bool:
-    """Read a boolean variable; warn once and use ``default`` when it is not a boolean."""
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
+def _boolean(raw: str) -> bool:
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    _logger.warning(
-        "%s=%r is not a boolean (true/false); using the default, %s", name, raw, default
-    )
-    return default
+    raise ValueError("expected true or false")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value > 0:
+        raise ValueError("expected a number above 0")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
 class MTLSConfig:
-    """What the instrumentation records beyond the defaults."""
+    """What the instrumentation records beyond the defaults, and its bounds."""
 
     capture_certificate: bool = False
+    """Record the peer's PEM leaf as ``tls.*.certificate``."""
     capture_certificate_chain: bool = False
+    """Record the peer's PEM chain as ``tls.*.certificate_chain``."""
+    log_success: bool = False
+    """Write a ``tls.handshake.succeeded`` record for every successful handshake."""
+    log_rate_limit: int = 5
+    """Security-event records per second per (peer address, ``error.type``)."""
+    peer_certificate_limit: int = 1000
+    """Distinct peer certificates kept for ``tls.certificate.time_left``."""
+    expiry_warning_days: float = 30.0
+    """A local certificate this close to expiry gets a ``tls.certificate.expiring`` record."""
 
     @classmethod
-    def load(
-        cls,
-        *,
-        capture_certificate: bool | None = None,
-        capture_certificate_chain: bool | None = None,
-    ) -> MTLSConfig:
-        """Combine keyword arguments (which win) with the environment."""
-        return cls(
-            capture_certificate=(
-                capture_certificate
-                if capture_certificate is not None
-                else env_bool(OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE, False)
-            ),
-            capture_certificate_chain=(
-                capture_certificate_chain
-                if capture_certificate_chain is not None
-                else env_bool(OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE_CHAIN, False)
-            ),
-        )
+    def load(cls, options: Mapping[str, Any] | None = None) -> MTLSConfig:
+        """Combine keyword arguments (which win, when not None) with the environment."""
+        options = options or {}
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            given = options.get(field.name)
+            if given is not None:
+                values[field.name] = given
+                continue
+            name, parse = ENVIRONMENT[field.name]
+            raw = os.environ.get(name)
+            if raw is None or not raw.strip():
+                continue
+            try:
+                values[field.name] = parse(raw)
+            except ValueError as exc:
+                _logger.warning(
+                    "%s=%r is invalid (%s); using the default, %s", name, raw, exc, field.default
+                )
+        return cls(**values)
+
+
+ENVIRONMENT: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "capture_certificate": ("OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE", _boolean),
+    "capture_certificate_chain": ("OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE_CHAIN", _boolean),
+    "log_success": ("OTEL_PYTHON_MTLS_LOG_SUCCESS", _boolean),
+    "log_rate_limit": ("OTEL_PYTHON_MTLS_LOG_RATE_LIMIT", _positive_int),
+    "peer_certificate_limit": ("OTEL_PYTHON_MTLS_PEER_CERTIFICATE_LIMIT", _positive_int),
+    "expiry_warning_days": ("OTEL_PYTHON_MTLS_EXPIRY_WARNING_DAYS", _positive_float),
+}
+"""Each option's environment variable and parser."""

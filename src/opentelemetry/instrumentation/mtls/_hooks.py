@@ -33,7 +33,8 @@ from typing import Any, Final
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
-from opentelemetry.instrumentation.mtls import _failsafe
+from opentelemetry.instrumentation.mtls import _failsafe, _peer_rejection
+from opentelemetry.instrumentation.mtls._certificate import first_pem_certificate, parse_certificate
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
 from opentelemetry.instrumentation.mtls._handshake import (
     Address,
@@ -96,6 +97,7 @@ class SSLHooks:
         """Patch the handshake methods (and asyncio's and uvloop's SSL plumbing)."""
         self._patches.replace(ssl.SSLSocket, "do_handshake", self._do_handshake)
         self._patches.replace(ssl.SSLObject, "do_handshake", self._do_handshake)
+        self._patches.replace(ssl.SSLContext, "load_cert_chain", self._load_cert_chain)
         self._install_asyncio()
         self._install_uvloop()
         self._installed = True
@@ -200,7 +202,9 @@ class SSLHooks:
             attempt.open = True
             attempt.loop = None
             attempt.ssl_context = None
-            if not server_side:
+            if server_side:
+                self._telemetry.active.add(1)
+            else:
                 attempt.parent = context
                 attempt.server_name = tls.server_hostname
             return attempt
@@ -213,6 +217,8 @@ class SSLHooks:
         try:
             attempt.open = False
             endpoint.__dict__.pop(_PENDING, None)
+            if attempt.server_side:
+                self._telemetry.active.add(-1)
             attempt.end_ns = end_ns
             if isinstance(endpoint, ssl.SSLSocket) and attempt.peer_address is None:
                 attempt.local_address, attempt.peer_address = _socket_addresses(endpoint)
@@ -223,6 +229,8 @@ class SSLHooks:
             else:
                 fill_failure(attempt, exc)
             self._telemetry.emit(attempt)
+            if exc is None and not attempt.server_side and attempt.protocol_version == "1.3":
+                _peer_rejection.watch(endpoint, attempt, self._telemetry.peer_rejected)
         except Exception as error:
             _failsafe.report("recording a handshake", error)
 
@@ -238,6 +246,8 @@ class SSLHooks:
             attempt.open = False
             if not self._installed:
                 return
+            if attempt.server_side:
+                self._telemetry.active.add(-1)
             attempt.end_ns = time_ns()
             timeout = None
             if attempt.loop is not None:
@@ -321,9 +331,18 @@ class SSLHooks:
     def _protocol_connection_lost(self, original: Method) -> Method:
         end_pending = self._end_pending
 
+        def lost_before_data(protocol: Any) -> None:
+            try:
+                sslobj = getattr(protocol, "_sslobj", None)
+                if sslobj is not None:
+                    _peer_rejection.connection_lost(sslobj)
+            except Exception as exc:
+                _failsafe.report("watching for a late rejection", exc)
+
         def connection_lost(self: Any, exc: BaseException | None) -> None:
             end_pending(self, _closed_error())
             original(self, exc)
+            lost_before_data(self)
 
         return connection_lost
 
@@ -336,6 +355,29 @@ class SSLHooks:
                 self._finish(sslobj, attempt, exc)
         except Exception as error:
             _failsafe.report("ending an interrupted handshake", error)
+
+    # -- local certificates --------------------------------------------------------
+
+    def _load_cert_chain(self, original: Method) -> Method:
+        note_local = self._note_local_certificate
+
+        def load_cert_chain(
+            self: ssl.SSLContext, certfile: Any, keyfile: Any = None, password: Any = None
+        ) -> None:
+            original(self, certfile, keyfile, password)
+            note_local(certfile)
+
+        return load_cert_chain
+
+    def _note_local_certificate(self, certfile: Any) -> None:
+        """Observe the expiry of a certificate the process just loaded to present."""
+        try:
+            with open(certfile, "rb") as f:
+                der = first_pem_certificate(f.read())
+            if der is not None:
+                self._telemetry.expiry.add_local(parse_certificate(der))
+        except Exception as exc:
+            _failsafe.report("reading a loaded certificate", exc)
 
     # -- uvloop --------------------------------------------------------------------
 

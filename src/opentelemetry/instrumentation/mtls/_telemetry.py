@@ -1,4 +1,4 @@
-"""Turn handshake records into spans.
+"""Turn handshake records into spans, metrics and security-event log records.
 
 This is the only module that knows the span and attribute names of a handshake. The
 peer certificate's attributes are built once per distinct certificate and role, and
@@ -7,11 +7,14 @@ reused: a returning client costs a dictionary look-up, not a parse.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Final
 
+from opentelemetry import context, trace
 from opentelemetry.context import Context
+from opentelemetry.metrics import Meter, NoOpMeter
 from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
 from opentelemetry.semconv.attributes import (
     client_attributes,
@@ -19,13 +22,24 @@ from opentelemetry.semconv.attributes import (
     exception_attributes,
     server_attributes,
 )
-from opentelemetry.trace import NoOpTracer, ProxyTracer, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import (
+    NoOpTracer,
+    ProxyTracer,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+)
 from opentelemetry.util.types import AttributeValue
 
+from opentelemetry.instrumentation.mtls import _audit
 from opentelemetry.instrumentation.mtls import attributes as names
 from opentelemetry.instrumentation.mtls._certificate import der_to_pem, parse_certificate
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
+from opentelemetry.instrumentation.mtls._expiry import CertificateExpiry
 from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord
+from opentelemetry.instrumentation.mtls._instruments import Instruments
 
 SERVER_SPAN_NAME: Final = "TLS server handshake"
 CLIENT_SPAN_NAME: Final = "TLS client handshake"
@@ -168,36 +182,47 @@ def handshake_attributes(record: HandshakeRecord, config: MTLSConfig) -> Attribu
 
 
 class HandshakeTelemetry:
-    """Emit the telemetry of handshake records: one span per record."""
+    """Emit the telemetry of handshake records: a span, metrics and security-event logs."""
 
-    __slots__ = ("_config", "_proxy", "_recording", "_tracer")
-
-    def __init__(self, tracer: Tracer, config: MTLSConfig) -> None:
+    def __init__(self, tracer: Tracer, meter: Meter, config: MTLSConfig) -> None:
         self._tracer = tracer
         self._config = config
-        # The global tracer is a proxy that starts recording once an SDK provider is
-        # set, which may happen after instrument(): it must be asked every time.
+        # The global tracer and meter are proxies that start recording once an SDK
+        # provider is set, which may happen after instrument(): ask them every time.
         self._proxy = tracer if isinstance(tracer, ProxyTracer) else None
-        self._recording = not isinstance(tracer, NoOpTracer)
+        self._tracing = not isinstance(tracer, NoOpTracer)
+        self._meter = meter
+        self.expiry = CertificateExpiry(
+            peer_limit=config.peer_certificate_limit,
+            warning_window_s=config.expiry_warning_days * 86400,
+        )
+        self.instruments = Instruments(meter, self.expiry)
+        self.active = self.instruments.active
+        self._limiter = _audit.RateLimiter(config.log_rate_limit)
+        self._metric_attributes: dict[tuple[object, ...], Attributes] = {}
 
     def recording(self) -> bool:
         """Whether a successful handshake would be recorded at all.
 
-        With the API alone every span is a no-op, so the hooks skip building records
-        for successes; failures are still recorded for the security-event logs.
+        With the API alone spans and metrics are no-ops, so the hooks skip building
+        records for successes; failures are still recorded for the security-event logs.
         """
         proxy = self._proxy
         if proxy is None:
-            return self._recording
-        return not isinstance(proxy._tracer, NoOpTracer)
+            if self._tracing:
+                return True
+        elif not isinstance(proxy._tracer, NoOpTracer):
+            return True
+        return self._config.log_success or _meter_recording(self._meter)
 
     def emit(self, record: HandshakeRecord) -> None:
-        """Emit the span of one finished handshake attempt."""
+        """Emit the span, the metrics and, for failures, the log record of one attempt."""
         parent: Context | None
         if record.server_side:
-            name, parent = SERVER_SPAN_NAME, _ROOT
+            name, parent, histogram = SERVER_SPAN_NAME, _ROOT, self.instruments.server_duration
         else:
             name, parent = CLIENT_SPAN_NAME, record.parent
+            histogram = self.instruments.client_duration
         span = self._tracer.start_span(
             name,
             context=parent,
@@ -206,9 +231,11 @@ class HandshakeTelemetry:
             record_exception=False,
             set_status_on_exception=False,
         )
+        attributes: Attributes | None = None
+        error = record.error
         if span.is_recording():
-            span.set_attributes(handshake_attributes(record, self._config))
-            error = record.error
+            attributes = handshake_attributes(record, self._config)
+            span.set_attributes(attributes)
             if error is not None:
                 message = str(error)
                 span.set_status(Status(StatusCode.ERROR, message))
@@ -222,7 +249,87 @@ class HandshakeTelemetry:
                     },
                     timestamp=record.end_ns,
                 )
+        histogram.record((record.end_ns - record.start_ns) / 1e9, self._duration_attributes(record))
+        if record.peer_certificate is not None:
+            self.expiry.add_peer(record.peer_certificate)
+        if error is not None or self._config.log_success:
+            self._log(record, span, attributes)
         span.end(end_time=record.end_ns)
+
+    def _duration_attributes(self, record: HandshakeRecord) -> Attributes:
+        key = (record.protocol_version, record.resumed, record.error_type)
+        attributes = self._metric_attributes.get(key)
+        if attributes is None:
+            attributes = {tls.TLS_RESUMED: record.resumed}
+            if record.protocol_version is not None:
+                attributes[tls.TLS_PROTOCOL_VERSION] = record.protocol_version
+            if record.error_type is not None:
+                attributes[error_attributes.ERROR_TYPE] = record.error_type
+            # Versions and error types come from fixed tables: this stays small.
+            self._metric_attributes[key] = attributes
+        return attributes
+
+    def _log(self, record: HandshakeRecord, span: Span, attributes: Attributes | None) -> None:
+        """Write the security-event record of a handshake, inside its span's context."""
+        level = logging.INFO if record.error is None else logging.WARNING
+        if not _audit.audit_logger.isEnabledFor(level):
+            return
+        peer = record.peer_address
+        side = "server" if record.server_side else "client"
+        where = f" with {peer[0]}:{peer[1]}" if peer else ""
+        suppressed = 0
+        if record.error is None:
+            event = _audit.HANDSHAKE_SUCCEEDED
+            message = f"TLS {side} handshake succeeded{where}"
+        else:
+            admitted = self._limiter.admit((peer[0] if peer else None, record.error_type))
+            if admitted is None:
+                return
+            suppressed = admitted
+            event = _audit.HANDSHAKE_FAILED
+            message = f"TLS {side} handshake failed{where}: {record.error_type} ({record.error})"
+        fields = (
+            attributes if attributes is not None else handshake_attributes(record, self._config)
+        )
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            _audit.emit(level, event, message, fields, suppressed=suppressed)
+        finally:
+            context.detach(token)
+
+    def peer_rejected(self, record: HandshakeRecord, error_type: str, message: str) -> None:
+        """Record a TLS 1.3 server's rejection of our certificate after our handshake."""
+        attributes: Attributes = {error_attributes.ERROR_TYPE: error_type}
+        if record.peer_certificate is not None:
+            attributes[tls.TLS_SERVER_HASH_SHA256] = record.peer_certificate.sha256
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(_audit.PEER_REJECTED, attributes)
+        self.instruments.peer_rejections.add(1, {error_attributes.ERROR_TYPE: error_type})
+        if not _audit.audit_logger.isEnabledFor(logging.WARNING):
+            return
+        peer = record.peer_address
+        admitted = self._limiter.admit((peer[0] if peer else None, error_type))
+        if admitted is None:
+            return
+        fields = {**handshake_attributes(record, self._config), **attributes}
+        where = f" {peer[0]}:{peer[1]}" if peer else ""
+        _audit.emit(
+            logging.WARNING,
+            _audit.PEER_REJECTED,
+            f"TLS server{where} rejected our certificate after the handshake: "
+            f"{error_type} ({message})",
+            fields,
+            suppressed=admitted,
+        )
+
+
+def _meter_recording(meter: Meter) -> bool:
+    """Whether a meter is an SDK meter, directly or behind the global proxy."""
+    if isinstance(meter, NoOpMeter):
+        return False
+    real = getattr(meter, "_real_meter", meter)
+    return real is not None and not isinstance(real, NoOpMeter)
 
 
 def _qualified_name(exc: BaseException) -> str:

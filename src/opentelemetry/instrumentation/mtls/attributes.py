@@ -68,3 +68,24 @@ VERIFY_RESULT_FAILED: Final = "failed"
 
 VERIFY_RESULT_NONE: Final = "none"
 """The peer presented no certificate."""
+
+TLS_CERTIFICATE_ROLE: Final = "tls.certificate.role"
+"""Whose certificate ``tls.certificate.time_left`` describes: ``local`` or ``peer``."""
+
+TLS_CERTIFICATE_SUBJECT_COMMON_NAME: Final = "tls.certificate.subject.common_name"
+"""First common name of the certificate that ``tls.certificate.time_left`` describes."""
+
+TLS_CERTIFICATE_ISSUER: Final = "tls.certificate.issuer"
+"""RFC 4514 issuer of the certificate that ``tls.certificate.time_left`` describes."""
+
+TLS_CERTIFICATE_SERIAL_NUMBER: Final = "tls.certificate.serial_number"
+"""Serial number (uppercase hex) of the certificate that ``tls.certificate.time_left`` describes."""
+
+TLS_LOG_SUPPRESSED_COUNT: Final = "tls.log.suppressed_count"
+"""Security-event records of the same peer and ``error.type`` held back since the last one."""
+
+CERTIFICATE_ROLE_LOCAL: Final = "local"
+"""A certificate this process presents."""
+
+CERTIFICATE_ROLE_PEER: Final = "peer"
+"""A certificate a peer presented to this process."""

@@ -1,0 +1,107 @@
+"""Certificates whose time left is observed: this process's own, and recent peers'.
+
+Local certificates are captured where the process loads them
+(``SSLContext.load_cert_chain``); peer certificates from successful handshakes. Peers
+are bounded to the most recent N distinct certificates, so a flood of distinct client
+certificates cannot grow memory. Each local certificate that comes within the warning
+window gets one ``tls.certificate.expiring`` record, when it is loaded or, for a
+long-running process, at the metric collection during which it enters the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from opentelemetry.instrumentation.mtls import _audit
+from opentelemetry.instrumentation.mtls._certificate import CertificateInfo
+from opentelemetry.instrumentation.mtls.attributes import (
+    CERTIFICATE_ROLE_LOCAL,
+    CERTIFICATE_ROLE_PEER,
+    TLS_CERTIFICATE_ISSUER,
+    TLS_CERTIFICATE_ROLE,
+    TLS_CERTIFICATE_SERIAL_NUMBER,
+    TLS_CERTIFICATE_SUBJECT_COMMON_NAME,
+)
+
+
+class CertificateExpiry:
+    """The certificates that ``tls.certificate.time_left`` reports."""
+
+    def __init__(self, *, peer_limit: int, warning_window_s: float) -> None:
+        self._peer_limit = peer_limit
+        self._warning_window_s = warning_window_s
+        self._local: dict[str, CertificateInfo] = {}
+        self._peers: OrderedDict[str, CertificateInfo] = OrderedDict()
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add_local(self, info: CertificateInfo) -> None:
+        """Observe a certificate this process presents; warn if it expires soon."""
+        if info.not_after_timestamp is None:
+            return
+        with self._lock:
+            self._local[info.sha256] = info
+        self._warn_if_expiring(info, time.time())
+
+    def add_peer(self, info: CertificateInfo) -> None:
+        """Observe a peer's certificate, dropping the least recently seen past the bound."""
+        if info.not_after_timestamp is None:
+            return
+        peers = self._peers
+        with self._lock:
+            if info.sha256 in peers:
+                peers.move_to_end(info.sha256)
+                return
+            peers[info.sha256] = info
+            if len(peers) > self._peer_limit:
+                peers.popitem(last=False)
+
+    def peer_count(self) -> int:
+        """How many peer certificates are observed now."""
+        return len(self._peers)
+
+    def observe(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Report seconds left (negative once expired) for every observed certificate."""
+        now = time.time()
+        with self._lock:
+            local = list(self._local.values())
+            peers = list(self._peers.values())
+        for info in local:
+            self._warn_if_expiring(info, now)
+        return [
+            Observation(info.not_after_timestamp - now, _attributes(info, role))  # type: ignore[operator]
+            for role, infos in ((CERTIFICATE_ROLE_LOCAL, local), (CERTIFICATE_ROLE_PEER, peers))
+            for info in infos
+        ]
+
+    def _warn_if_expiring(self, info: CertificateInfo, now: float) -> None:
+        left = (info.not_after_timestamp or now) - now
+        if left > self._warning_window_s:
+            return
+        with self._lock:
+            if info.sha256 in self._warned:
+                return
+            self._warned.add(info.sha256)
+        _audit.emit(
+            logging.WARNING,
+            _audit.CERTIFICATE_EXPIRING,
+            f"TLS certificate {info.subject} expires in {left / 86400:.1f} days ({info.not_after})",
+            _attributes(info, CERTIFICATE_ROLE_LOCAL),
+        )
+
+
+def _attributes(info: CertificateInfo, role: str) -> dict[str, str]:
+    attrs = {TLS_CERTIFICATE_ROLE: role}
+    if info.common_name is not None:
+        attrs[TLS_CERTIFICATE_SUBJECT_COMMON_NAME] = info.common_name
+    if info.issuer is not None:
+        attrs[TLS_CERTIFICATE_ISSUER] = info.issuer
+    if info.serial_number is not None:
+        attrs[TLS_CERTIFICATE_SERIAL_NUMBER] = info.serial_number
+    return attrs
