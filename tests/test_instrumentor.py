@@ -32,7 +32,14 @@ PATCHED: list[tuple[type, str]] = [
 
 
 def test_public_surface() -> None:
-    assert sorted(package.__all__) == ["MTLSInstrumentor", "__version__"]
+    assert sorted(package.__all__) == [
+        "ClientIdentity",
+        "MTLSInstrumentor",
+        "MTLSMiddleware",
+        "__version__",
+        "client_identity",
+    ]
+    assert all(hasattr(package, name) for name in package.__all__)
     entry_points = importlib.metadata.entry_points(group="opentelemetry_instrumentor", name="mtls")
     assert [ep.load() for ep in entry_points] == [MTLSInstrumentor]
 

@@ -36,13 +36,20 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
+from opentelemetry.instrumentation.mtls._asgi import ClientIdentity, MTLSMiddleware, client_identity
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
 from opentelemetry.instrumentation.mtls._hooks import SSLHooks
 from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
 from opentelemetry.instrumentation.mtls.package import _instruments
 from opentelemetry.instrumentation.mtls.version import __version__
 
-__all__ = ["MTLSInstrumentor", "__version__"]
+__all__ = [
+    "ClientIdentity",
+    "MTLSInstrumentor",
+    "MTLSMiddleware",
+    "__version__",
+    "client_identity",
+]
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 

@@ -1,31 +1,35 @@
 """Our own failures: caught at every boundary with the host, reported once, never raised.
 
 An instrumentation that breaks a handshake is worse than none. Every place where our
-code runs inside the host's call catches ``Exception`` and reports it here; the first
-failure of each kind is logged with its traceback, later ones only at debug level, so
-a bug on the hot path cannot flood the host's logs either.
+code runs inside the host's call catches ``Exception`` and reports it here. The first
+time a failure (its type and message) is seen it is logged with its traceback; repeats,
+and anything past a handful of distinct failures, go to debug level, so that one bug
+met at several places on the hot path cannot flood the host's logs.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Final
 
 logger = logging.getLogger("opentelemetry.instrumentation.mtls")
 
-_reported: set[str] = set()
+_MAX_DISTINCT: Final = 10
+_reported: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 
 
 def report(where: str, exc: BaseException) -> None:
-    """Log the first failure of our code at ``where``; later ones at debug level."""
+    """Log the first occurrence of a failure of our code; later ones at debug level."""
+    key = (type(exc).__qualname__, str(exc))
     with _lock:
-        first = where not in _reported
-        _reported.add(where)
+        first = key not in _reported and len(_reported) < _MAX_DISTINCT
+        _reported.add(key)
     if first:
         logger.warning(
             "opentelemetry-instrumentation-mtls failed in %s; the host is unaffected "
-            "and further failures here are logged at debug level",
+            "and repeats of this failure are logged at debug level",
             where,
             exc_info=exc,
         )

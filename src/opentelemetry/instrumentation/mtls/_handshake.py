@@ -11,6 +11,7 @@ import ssl
 from dataclasses import dataclass
 
 from opentelemetry.context import Context
+from opentelemetry.trace import SpanContext
 
 from opentelemetry.instrumentation.mtls import _errors
 from opentelemetry.instrumentation.mtls._certificate import CertificateInfo, parse_certificate
@@ -49,6 +50,8 @@ class HandshakeRecord:
     verify_result: str | None = None
     verify_code: int | None = None
     verify_message: str | None = None
+    span_context: SpanContext | None = None
+    """The handshake span's context, for request spans to link to (set when emitted)."""
 
     @property
     def established(self) -> bool:

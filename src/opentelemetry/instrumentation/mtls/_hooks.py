@@ -20,6 +20,7 @@ the handshake timeout that ``create_server`` was given.
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import asyncio.sslproto
 import importlib.util
 import ssl
@@ -34,7 +35,12 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
 from opentelemetry.instrumentation.mtls import _failsafe, _peer_rejection
-from opentelemetry.instrumentation.mtls._certificate import first_pem_certificate, parse_certificate
+from opentelemetry.instrumentation.mtls._asgi import install_asgi_hook
+from opentelemetry.instrumentation.mtls._certificate import (
+    der_to_pem,
+    first_pem_certificate,
+    parse_certificate,
+)
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
 from opentelemetry.instrumentation.mtls._handshake import (
     Address,
@@ -44,11 +50,14 @@ from opentelemetry.instrumentation.mtls._handshake import (
     fill_success,
 )
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
+from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection
 from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _PENDING: Final = "_otel_mtls_attempt"
 """Key of an attempt in progress in its ssl object's ``__dict__``."""
+_RECORD: Final = "_otel_mtls_record"
+"""Key of a server connection's handshake record in its ssl object's ``__dict__``."""
 
 # asyncio.constants.SSL_HANDSHAKE_TIMEOUT: what a loop uses when it is given none.
 _DEFAULT_LOOP_HANDSHAKE_TIMEOUT: Final = 60.0
@@ -90,6 +99,10 @@ class SSLHooks:
         self._timeouts: weakref.WeakKeyDictionary[ssl.SSLContext, float] = (
             weakref.WeakKeyDictionary()
         )
+        # PEM of the certificate each server context presents, for the ASGI extension.
+        self._local_pem: weakref.WeakKeyDictionary[ssl.SSLContext, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- install / uninstall -------------------------------------------------------
 
@@ -100,6 +113,7 @@ class SSLHooks:
         self._patches.replace(ssl.SSLContext, "load_cert_chain", self._load_cert_chain)
         self._install_asyncio()
         self._install_uvloop()
+        install_asgi_hook(self._patches)
         self._installed = True
 
     def uninstall(self) -> None:
@@ -107,6 +121,7 @@ class SSLHooks:
         self._installed = False
         self._patches.restore()
         self._orphans.clear()
+        REGISTRY.clear()
 
     def _install_asyncio(self) -> None:
         # Python 3.11 rewrote asyncio's SSL protocol after uvloop's; 3.10's older
@@ -115,6 +130,7 @@ class SSLHooks:
         if sys.version_info < (3, 11) or not hasattr(protocol, "_check_handshake_timeout"):
             return
         replace = self._patches.replace
+        replace(asyncio.base_events.BaseEventLoop, "create_server", self._create_server)
         replace(protocol, "connection_made", self._protocol_connection_made)
         replace(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
         replace(protocol, "_check_handshake_timeout", self._protocol_handshake_timeout)
@@ -122,7 +138,8 @@ class SSLHooks:
 
     def _install_uvloop(self) -> None:
         # uvloop's SSL protocol is compiled and cannot be patched; what it was told
-        # about the handshake timeout is learnt where servers are created.
+        # about the handshake timeout, and the connections it serves, are learnt where
+        # servers are created.
         if importlib.util.find_spec("uvloop") is None:
             return
         import uvloop  # noqa: PLC0415  # optional, only where installed
@@ -222,14 +239,16 @@ class SSLHooks:
             attempt.end_ns = end_ns
             if isinstance(endpoint, ssl.SSLSocket) and attempt.peer_address is None:
                 attempt.local_address, attempt.peer_address = _socket_addresses(endpoint)
-            if exc is None:
-                fill_success(
-                    attempt, endpoint, capture_chain=self._config.capture_certificate_chain
-                )
-            else:
+            if exc is not None:
                 fill_failure(attempt, exc)
+                self._telemetry.emit(attempt)
+                return
+            fill_success(attempt, endpoint, capture_chain=self._config.capture_certificate_chain)
             self._telemetry.emit(attempt)
-            if exc is None and not attempt.server_side and attempt.protocol_version == "1.3":
+            if attempt.server_side:
+                # For the requests of this connection (see _register).
+                endpoint.__dict__[_RECORD] = attempt
+            elif attempt.protocol_version == "1.3":
                 _peer_rejection.watch(endpoint, attempt, self._telemetry.peer_rejected)
         except Exception as error:
             _failsafe.report("recording a handshake", error)
@@ -365,41 +384,123 @@ class SSLHooks:
             self: ssl.SSLContext, certfile: Any, keyfile: Any = None, password: Any = None
         ) -> None:
             original(self, certfile, keyfile, password)
-            note_local(certfile)
+            note_local(self, certfile)
 
         return load_cert_chain
 
-    def _note_local_certificate(self, certfile: Any) -> None:
-        """Observe the expiry of a certificate the process just loaded to present."""
+    def _note_local_certificate(self, context: ssl.SSLContext, certfile: Any) -> None:
+        """Observe a certificate the process just loaded to present: expiry, PEM."""
         try:
             with open(certfile, "rb") as f:
                 der = first_pem_certificate(f.read())
             if der is not None:
                 self._telemetry.expiry.add_local(parse_certificate(der))
+                self._local_pem[context] = der_to_pem(der)
         except Exception as exc:
             _failsafe.report("reading a loaded certificate", exc)
 
     # -- uvloop --------------------------------------------------------------------
 
     def _create_server(self, original: Method) -> Method:
-        remember = self._remember_timeout
+        remember, track = self._remember_timeout, self._track_connections
 
         def create_server(self: Any, *args: Any, **kwargs: Any) -> Any:
-            remember(kwargs.get("ssl"), kwargs.get("ssl_handshake_timeout"))
+            context = kwargs.get("ssl")
+            if isinstance(context, ssl.SSLContext):
+                remember(context, kwargs.get("ssl_handshake_timeout"))
+                if args:
+                    args = (track(args[0]), *args[1:])
+                elif "protocol_factory" in kwargs:
+                    kwargs["protocol_factory"] = track(kwargs["protocol_factory"])
             return original(self, *args, **kwargs)
 
         return create_server
 
-    def _remember_timeout(self, context: object, timeout: object) -> None:
+    def _remember_timeout(self, context: ssl.SSLContext, timeout: object) -> None:
         try:
-            if isinstance(context, ssl.SSLContext):
-                self._timeouts[context] = (
-                    float(timeout)  # type: ignore[arg-type]
-                    if timeout is not None
-                    else _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
-                )
+            self._timeouts[context] = (
+                float(timeout)  # type: ignore[arg-type]
+                if timeout is not None
+                else _DEFAULT_LOOP_HANDSHAKE_TIMEOUT
+            )
         except Exception as exc:
             _failsafe.report("reading a server's handshake timeout", exc)
+
+    # -- server connections, for requests -----------------------------------------
+
+    def _track_connections(self, factory: Any) -> Any:
+        """Wrap a TLS server's protocol factory so each connection enters the registry.
+
+        The transport handed to the protocol's ``connection_made`` knows both the ssl
+        object (hence the handshake) and the addresses a request's scope will name;
+        ``connection_lost`` says when the entry must go. The protocol gets instance
+        attributes that shadow these two methods; its class is untouched.
+        """
+        register = self._register
+
+        def protocol_factory() -> Any:
+            protocol = factory()
+            try:
+                _shadow_connection_methods(protocol, register)
+            except Exception as exc:
+                _failsafe.report("following a server connection", exc)
+            return protocol
+
+        return protocol_factory
+
+    def _register(self, transport: Any) -> tuple[Any, Connection] | None:
+        """Enter a new server connection in the registry; return what removes it."""
+        try:
+            sslobj = transport.get_extra_info("ssl_object")
+            if not isinstance(sslobj, ssl.SSLObject):
+                return None
+            local = _address(transport.get_extra_info("sockname"))
+            peer = _address(transport.get_extra_info("peername"))
+            if local is None or peer is None:
+                return None
+            record = sslobj.__dict__.get(_RECORD)
+            if record is None:
+                # Nothing recorded the handshake (the API alone, or suppressed): the
+                # request still deserves its identity, read once, here.
+                record = HandshakeRecord(server_side=True, start_ns=0, end_ns=0)
+                fill_success(record, sslobj, capture_chain=False)
+            record.local_address, record.peer_address = local, peer
+            connection = Connection(
+                record,
+                weakref.ref(sslobj),
+                self._local_pem.get(sslobj.context),
+            )
+            key = (local, peer)
+            REGISTRY.add(key, connection)
+            return key, connection
+        except Exception as exc:
+            _failsafe.report("registering a server connection", exc)
+            return None
+
+
+def _shadow_connection_methods(protocol: Any, register: Any) -> None:
+    state = getattr(protocol, "__dict__", None)
+    if state is None:
+        return
+    made, lost = protocol.connection_made, protocol.connection_lost
+    entry: list[tuple[Any, Connection]] = []
+
+    def connection_made(transport: Any) -> None:
+        registered = register(transport)
+        if registered is not None:
+            entry.append(registered)
+        made(transport)
+
+    def connection_lost(exc: BaseException | None) -> None:
+        try:
+            if entry:
+                REGISTRY.remove(*entry.pop())
+        except Exception as error:
+            _failsafe.report("forgetting a server connection", error)
+        lost(exc)
+
+    state["connection_made"] = connection_made
+    state["connection_lost"] = connection_lost
 
 
 def _address(value: object) -> Address | None:

@@ -96,6 +96,14 @@ class Authority:
             .sign(self.key, hashes.SHA256())
         )
         self.cert_pem = self.certificate.public_bytes(serialization.Encoding.PEM)
+        self._cert_path: str | None = None
+
+    @property
+    def cert_path(self) -> str:
+        """A file holding this CA's certificate (PEM), for servers that want a path."""
+        if self._cert_path is None:
+            self._cert_path = write(self.cert_pem, ".crt")
+        return self._cert_path
 
     def configure_trust(self, ctx: ssl.SSLContext) -> None:
         """Trust certificates this CA issued on ``ctx``."""

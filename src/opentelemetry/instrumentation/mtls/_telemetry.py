@@ -234,6 +234,7 @@ class HandshakeTelemetry:
         attributes: Attributes | None = None
         error = record.error
         if span.is_recording():
+            record.span_context = span.get_span_context()
             attributes = handshake_attributes(record, self._config)
             span.set_attributes(attributes)
             if error is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "protocol_name",
     "protocol_version",
     "protocol_version_code",
+    "version_code",
 ]
 
 # OpenSSL name -> (IANA name, code point). From the IANA "TLS Cipher Suites"
@@ -241,6 +242,14 @@ def protocol_version_code(ssl_version: str | None) -> int | None:
 def iana_cipher_name(openssl_name: str) -> str:
     """Map an OpenSSL cipher name to its IANA name; unknown names are returned unchanged."""
     return _IANA_NAME.get(openssl_name, openssl_name)
+
+
+_VERSION_CODE: Final[dict[str, int]] = {v[1]: v[2] for v in _PROTOCOLS.values()}
+
+
+def version_code(bare_version: str | None) -> int | None:
+    """Map a bare version as :func:`protocol_version` returns it (``'1.3'``) to its wire code."""
+    return _VERSION_CODE.get(bare_version) if bare_version is not None else None
 
 
 def iana_cipher_code(openssl_name: str) -> int | None:

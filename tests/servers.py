@@ -1,0 +1,103 @@
+"""Real ASGI servers with mTLS on loopback, each in a thread of this process.
+
+In-process so that their spans reach the tests' in-memory exporters; each server gets
+a socket already bound to an ephemeral port, so tests never race for ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from conftest import PKI
+
+START_TIMEOUT = 10.0
+
+
+def _listen() -> tuple[socket.socket, int]:
+    sock = socket.create_server(("127.0.0.1", 0))
+    return sock, sock.getsockname()[1]
+
+
+@contextmanager
+def uvicorn_server(
+    app: Any,
+    pki: PKI,
+    *,
+    loop: str = "asyncio",
+    cert_reqs: ssl.VerifyMode = ssl.CERT_REQUIRED,
+    tls: bool = True,
+) -> Iterator[int]:
+    """Serve ``app`` with uvicorn (``loop``: asyncio or uvloop); yield the port."""
+    import uvicorn
+
+    sock, port = _listen()
+    options: dict[str, Any] = {}
+    if tls:
+        options = {
+            "ssl_certfile": pki.server.cert_path,
+            "ssl_keyfile": pki.server.key_path,
+            "ssl_ca_certs": pki.ca.cert_path,
+            "ssl_cert_reqs": int(cert_reqs),
+        }
+    config = uvicorn.Config(
+        app, loop=loop, lifespan="off", log_level="warning", ws="websockets-sansio", **options
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(START_TIMEOUT)
+        sock.close()
+
+
+@contextmanager
+def hypercorn_server(app: Any, pki: PKI) -> Iterator[int]:
+    """Serve ``app`` with hypercorn's asyncio worker (HTTP/1.1 and HTTP/2); yield the port."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    sock, port = _listen()
+    config = Config()
+    # hypercorn takes ownership of the descriptor (and closes it).
+    config.bind = [f"fd://{sock.detach()}"]
+    config.certfile = pki.server.cert_path
+    config.keyfile = pki.server.key_path
+    config.ca_certs = pki.ca.cert_path
+    config.verify_mode = ssl.CERT_REQUIRED
+    config.loglevel = "WARNING"
+    stop = threading.Event()
+    started = threading.Event()
+
+    async def main() -> None:
+        async def shutdown_trigger() -> None:
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+
+        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    if not started.wait(START_TIMEOUT):
+        raise RuntimeError("hypercorn did not start")
+    time.sleep(0.1)  # the listening socket is served once the trigger runs
+    try:
+        yield port
+    finally:
+        stop.set()
+        thread.join(START_TIMEOUT)
