@@ -29,6 +29,7 @@ from opentelemetry.instrumentation.mtls._certificate import (
     parse_certificate,
 )
 from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, peer_chain
+from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
 from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection
 from opentelemetry.instrumentation.mtls._telemetry import Attributes, certificate_attributes
@@ -103,7 +104,9 @@ def enrich(span: Span, scope: Scope) -> None:
         cache = connection.cache
         attributes = cache.get("attributes")
         if attributes is None:
-            attributes = cache["attributes"] = request_attributes(connection.record)
+            attributes = cache["attributes"] = request_attributes(
+                connection.record, connection.policy
+            )
         if span.is_recording():
             span.set_attributes(attributes)
             span_context = connection.record.span_context
@@ -124,7 +127,9 @@ def enrich(span: Span, scope: Scope) -> None:
         _failsafe.report("enriching a request", exc)
 
 
-def request_attributes(record: HandshakeRecord) -> Attributes:
+def request_attributes(
+    record: HandshakeRecord, policy: IdentityPolicy = DEFAULT_POLICY
+) -> Attributes:
     """Return the attributes that every request span of a connection carries."""
     attributes: Attributes = {
         TLS_CLIENT_IDENTITY_SOURCE: SOURCE_HANDSHAKE,
@@ -136,7 +141,7 @@ def request_attributes(record: HandshakeRecord) -> Attributes:
     if record.cipher is not None:
         attributes[tls.TLS_CIPHER] = record.cipher
     if record.peer_der is not None:
-        attributes.update(certificate_attributes(record.peer_der, True))
+        attributes.update(certificate_attributes(record.peer_der, True, policy))
     return attributes
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
+
+from opentelemetry.instrumentation.mtls._identity import HASHED, OMIT, IdentityPolicy
 
 _logger = logging.getLogger("opentelemetry.instrumentation.mtls")
 
@@ -34,6 +36,17 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError("expected a whole number of at least 1")
     return value
+
+
+def _identity_mode(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("plain", "hashed", "omit"):
+        raise ValueError("expected plain, hashed or omit")
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw
 
 
 def _positive_float(raw: str) -> float:
@@ -59,26 +72,41 @@ class MTLSConfig:
     """Distinct peer certificates kept for ``tls.certificate.time_left``."""
     expiry_warning_days: float = 30.0
     """A local certificate this close to expiry gets a ``tls.certificate.expiring`` record."""
+    identity_mode: str = "plain"
+    """How peer identities appear in telemetry: ``plain``, ``hashed`` or ``omit``."""
+    hash_key: str | None = field(default=None, repr=False)
+    """The HMAC key of ``hashed`` mode; share it across services to correlate identities."""
+
+    def identity_policy(self) -> IdentityPolicy:
+        """Return the identity policy asked for; ``hashed`` without a key omits instead."""
+        if self.identity_mode == HASHED and not self.hash_key:
+            _logger.warning(
+                "OTEL_PYTHON_MTLS_IDENTITY_MODE=hashed needs OTEL_PYTHON_MTLS_HASH_KEY; "
+                "omitting identities instead"
+            )
+            return IdentityPolicy(OMIT)
+        key = self.hash_key.encode("utf-8") if self.hash_key else None
+        return IdentityPolicy(self.identity_mode, key)
 
     @classmethod
     def load(cls, options: Mapping[str, Any] | None = None) -> MTLSConfig:
         """Combine keyword arguments (which win, when not None) with the environment."""
         options = options or {}
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            given = options.get(field.name)
+        for option in fields(cls):
+            given = options.get(option.name)
             if given is not None:
-                values[field.name] = given
+                values[option.name] = given
                 continue
-            name, parse = ENVIRONMENT[field.name]
+            name, parse = ENVIRONMENT[option.name]
             raw = os.environ.get(name)
             if raw is None or not raw.strip():
                 continue
             try:
-                values[field.name] = parse(raw)
+                values[option.name] = parse(raw)
             except ValueError as exc:
                 _logger.warning(
-                    "%s=%r is invalid (%s); using the default, %s", name, raw, exc, field.default
+                    "%s=%r is invalid (%s); using the default, %s", name, raw, exc, option.default
                 )
         return cls(**values)
 
@@ -90,5 +118,7 @@ ENVIRONMENT: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "log_rate_limit": ("OTEL_PYTHON_MTLS_LOG_RATE_LIMIT", _positive_int),
     "peer_certificate_limit": ("OTEL_PYTHON_MTLS_PEER_CERTIFICATE_LIMIT", _positive_int),
     "expiry_warning_days": ("OTEL_PYTHON_MTLS_EXPIRY_WARNING_DAYS", _positive_float),
+    "identity_mode": ("OTEL_PYTHON_MTLS_IDENTITY_MODE", _identity_mode),
+    "hash_key": ("OTEL_PYTHON_MTLS_HASH_KEY", _text),
 }
 """Each option's environment variable and parser."""

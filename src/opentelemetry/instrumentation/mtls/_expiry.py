@@ -1,5 +1,7 @@
 """Certificates whose time left is observed: this process's own, and recent peers'.
 
+Certificate names follow the identity policy (plain, hashed, omitted), as everywhere.
+
 Local certificates are captured where the process loads them
 (``SSLContext.load_cert_chain``); peer certificates from successful handshakes. Peers
 are bounded to the most recent N distinct certificates, so a flood of distinct client
@@ -20,6 +22,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from opentelemetry.instrumentation.mtls import _audit
 from opentelemetry.instrumentation.mtls._certificate import CertificateInfo
+from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, OMIT, IdentityPolicy
 from opentelemetry.instrumentation.mtls.attributes import (
     CERTIFICATE_ROLE_LOCAL,
     CERTIFICATE_ROLE_PEER,
@@ -33,7 +36,10 @@ from opentelemetry.instrumentation.mtls.attributes import (
 class CertificateExpiry:
     """The certificates that ``tls.certificate.time_left`` reports."""
 
-    def __init__(self, *, peer_limit: int, warning_window_s: float) -> None:
+    def __init__(
+        self, *, peer_limit: int, warning_window_s: float, policy: IdentityPolicy = DEFAULT_POLICY
+    ) -> None:
+        self._policy = policy
         self._peer_limit = peer_limit
         self._warning_window_s = warning_window_s
         self._local: dict[str, CertificateInfo] = {}
@@ -74,11 +80,23 @@ class CertificateExpiry:
             peers = list(self._peers.values())
         for info in local:
             self._warn_if_expiring(info, now)
-        return [
-            Observation(info.not_after_timestamp - now, _attributes(info, role))  # type: ignore[operator]
-            for role, infos in ((CERTIFICATE_ROLE_LOCAL, local), (CERTIFICATE_ROLE_PEER, peers))
-            for info in infos
-        ]
+        observations: list[Observation] = []
+        for role, infos in ((CERTIFICATE_ROLE_LOCAL, local), (CERTIFICATE_ROLE_PEER, peers)):
+            if not infos:
+                continue
+            if self._policy.mode == OMIT:
+                # No attribute may tell certificates apart: report the one closest to expiry.
+                soonest = min(info.not_after_timestamp or now for info in infos)
+                observations.append(Observation(soonest - now, {TLS_CERTIFICATE_ROLE: role}))
+                continue
+            observations += [
+                Observation(
+                    (info.not_after_timestamp or now) - now,
+                    _attributes(self._policy.apply(info), role),
+                )
+                for info in infos
+            ]
+        return observations
 
     def _warn_if_expiring(self, info: CertificateInfo, now: float) -> None:
         left = (info.not_after_timestamp or now) - now
@@ -88,11 +106,15 @@ class CertificateExpiry:
             if info.sha256 in self._warned:
                 return
             self._warned.add(info.sha256)
+        days = abs(left) / 86400
+        when = f"expires in {days:.1f} days" if left >= 0 else f"expired {days:.1f} days ago"
+        shown = self._policy.apply(info)
+        name = shown.subject or f"with SHA-256 {info.sha256}"
         _audit.emit(
             logging.WARNING,
             _audit.CERTIFICATE_EXPIRING,
-            f"TLS certificate {info.subject} expires in {left / 86400:.1f} days ({info.not_after})",
-            _attributes(info, CERTIFICATE_ROLE_LOCAL),
+            f"TLS certificate {name} {when} ({info.not_after})",
+            _attributes(shown, CERTIFICATE_ROLE_LOCAL),
         )
 
 

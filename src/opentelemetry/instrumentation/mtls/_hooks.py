@@ -469,6 +469,7 @@ class SSLHooks:
                 record,
                 weakref.ref(sslobj),
                 self._local_pem.get(sslobj.context),
+                self._telemetry.policy,
             )
             key = (local, peer)
             REGISTRY.add(key, connection)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from opentelemetry.instrumentation.mtls._handshake import Address, HandshakeRecord, SSLEndpoint
+from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
 
 MAX_CONNECTIONS: Final = 65536
 
@@ -32,6 +33,8 @@ class Connection:
     """For reading the verified chain (Python 3.13+) when a request first asks."""
     server_certificate: str | None = None
     """PEM of the certificate the server presented, when the process loaded it."""
+    policy: IdentityPolicy = DEFAULT_POLICY
+    """How the client's identity may appear on request spans."""
     cache: dict[str, Any] = field(default_factory=dict)
     """What requests derive from the handshake, built on the first request."""
 

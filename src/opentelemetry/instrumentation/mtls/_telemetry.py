@@ -39,6 +39,7 @@ from opentelemetry.instrumentation.mtls._certificate import der_to_pem, parse_ce
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
 from opentelemetry.instrumentation.mtls._expiry import CertificateExpiry
 from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord
+from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
 from opentelemetry.instrumentation.mtls._instruments import Instruments
 
 SERVER_SPAN_NAME: Final = "TLS server handshake"
@@ -114,9 +115,11 @@ SERVER_PEER: Final = _PeerNames(client=False)
 
 
 @lru_cache(maxsize=4096)
-def certificate_attributes(der: bytes, peer_is_client: bool) -> Mapping[str, AttributeValue]:
+def certificate_attributes(
+    der: bytes, peer_is_client: bool, policy: IdentityPolicy = DEFAULT_POLICY
+) -> Mapping[str, AttributeValue]:
     """Return the attributes of one peer certificate in one role; cached, never mutate."""
-    info = parse_certificate(der)
+    info = policy.apply(parse_certificate(der))
     n = CLIENT_PEER if peer_is_client else SERVER_PEER
     attrs: Attributes = {n.hash_sha256: info.sha256}
     optional: tuple[tuple[str, str | None], ...] = (
@@ -137,7 +140,9 @@ def certificate_attributes(der: bytes, peer_is_client: bool) -> Mapping[str, Att
     return attrs
 
 
-def handshake_attributes(record: HandshakeRecord, config: MTLSConfig) -> Attributes:
+def handshake_attributes(
+    record: HandshakeRecord, config: MTLSConfig, policy: IdentityPolicy = DEFAULT_POLICY
+) -> Attributes:
     """Return every attribute of a handshake span for one record."""
     peer = CLIENT_PEER if record.server_side else SERVER_PEER
     attrs: Attributes = {
@@ -165,8 +170,10 @@ def handshake_attributes(record: HandshakeRecord, config: MTLSConfig) -> Attribu
         attrs[client_attributes.CLIENT_ADDRESS] = client[0]
         attrs[client_attributes.CLIENT_PORT] = client[1]
     if record.peer_der is not None:
-        attrs.update(certificate_attributes(record.peer_der, record.server_side))
-        if config.capture_certificate:
+        attrs.update(certificate_attributes(record.peer_der, record.server_side, policy))
+        if not policy.shows_certificate:
+            pass  # a PEM certificate names its subject: only in plain mode
+        elif config.capture_certificate:
             attrs[peer.certificate] = der_to_pem(record.peer_der)
         if config.capture_certificate_chain and record.peer_chain:
             attrs[peer.certificate_chain] = [der_to_pem(der) for der in record.peer_chain]
@@ -187,6 +194,7 @@ class HandshakeTelemetry:
     def __init__(self, tracer: Tracer, meter: Meter, config: MTLSConfig) -> None:
         self._tracer = tracer
         self._config = config
+        self.policy = config.identity_policy()
         # The global tracer and meter are proxies that start recording once an SDK
         # provider is set, which may happen after instrument(): ask them every time.
         self._proxy = tracer if isinstance(tracer, ProxyTracer) else None
@@ -195,6 +203,7 @@ class HandshakeTelemetry:
         self.expiry = CertificateExpiry(
             peer_limit=config.peer_certificate_limit,
             warning_window_s=config.expiry_warning_days * 86400,
+            policy=self.policy,
         )
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
@@ -235,7 +244,7 @@ class HandshakeTelemetry:
         error = record.error
         if span.is_recording():
             record.span_context = span.get_span_context()
-            attributes = handshake_attributes(record, self._config)
+            attributes = handshake_attributes(record, self._config, self.policy)
             span.set_attributes(attributes)
             if error is not None:
                 message = str(error)
@@ -289,12 +298,11 @@ class HandshakeTelemetry:
             suppressed = admitted
             event = _audit.HANDSHAKE_FAILED
             message = f"TLS {side} handshake failed{where}: {record.error_type} ({record.error})"
-        fields = (
-            attributes if attributes is not None else handshake_attributes(record, self._config)
-        )
+        if attributes is None:
+            attributes = handshake_attributes(record, self._config, self.policy)
         token = context.attach(trace.set_span_in_context(span))
         try:
-            _audit.emit(level, event, message, fields, suppressed=suppressed)
+            _audit.emit(level, event, message, attributes, suppressed=suppressed)
         finally:
             context.detach(token)
 
@@ -313,7 +321,7 @@ class HandshakeTelemetry:
         admitted = self._limiter.admit((peer[0] if peer else None, error_type))
         if admitted is None:
             return
-        fields = {**handshake_attributes(record, self._config), **attributes}
+        fields = {**handshake_attributes(record, self._config, self.policy), **attributes}
         where = f" {peer[0]}:{peer[1]}" if peer else ""
         _audit.emit(
             logging.WARNING,

@@ -1,0 +1,123 @@
+"""Identity modes: plain, hashed (keyed, correlatable) and omitted, alike in every signal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from conftest import PKI, handshake_spans
+from opentelemetry.instrumentation.mtls import MTLSInstrumentor
+from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
+from tlsrun import blocking
+
+# What must not appear anywhere in hashed or omit mode: the client's names.
+SECRETS = ("web-client", "web.example.org", "spiffe://example.org/ns/default/sa/web")
+
+
+def capture(
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    **options: Any,
+) -> str:
+    """Run a good and an expired client; return every exported span, log and metric as text."""
+    exporter.clear()
+    caplog.clear()
+    reader = InMemoryMetricReader()
+    instrumentor = MTLSInstrumentor()
+    with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER_NAME):
+        instrumentor.instrument(
+            tracer_provider=tracer_provider,
+            meter_provider=MeterProvider(metric_readers=[reader]),
+            log_success=True,
+            **options,
+        )
+        try:
+            blocking(pki.server_context(), pki.client_context(pki.client))
+            blocking(pki.server_context(), pki.client_context(pki.expired_client))
+        finally:
+            instrumentor.uninstrument()
+    spans = [dict(span.attributes or {}) for span in exporter.get_finished_spans()]
+    logs = [vars(record) for record in caplog.records if record.name == AUDIT_LOGGER_NAME]
+    metrics = reader.get_metrics_data()
+    return repr((spans, logs, metrics.to_json() if metrics else None))
+
+
+def server_attributes(exporter: InMemorySpanExporter) -> dict[str, Any]:
+    return dict(handshake_spans(exporter, "server")[0].attributes or {})
+
+
+@pytest.fixture
+def quiet(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    yield caplog
+
+
+def test_plain_mode_shows_the_identity(
+    pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, quiet: Any
+) -> None:
+    text = capture(pki, tracer_provider, exporter, quiet)
+    assert all(secret in text for secret in SECRETS)  # control for the tests below
+
+
+def test_hashed_mode_hides_names_but_correlates(
+    pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, quiet: Any
+) -> None:
+    text = capture(pki, tracer_provider, exporter, quiet, identity_mode="hashed", hash_key="k1")
+    assert not [secret for secret in SECRETS if secret in text]
+    first = server_attributes(exporter)
+    assert str(first["tls.client.subject"]).startswith("hmac-sha256:")
+    assert first["tls.client.hash.sha256"]  # the fingerprint names no one
+    capture(pki, tracer_provider, exporter, quiet, identity_mode="hashed", hash_key="k1")
+    again = server_attributes(exporter)
+    assert again["tls.client.spiffe_id"] == first["tls.client.spiffe_id"]
+    capture(pki, tracer_provider, exporter, quiet, identity_mode="hashed", hash_key="k2")
+    other_key = server_attributes(exporter)
+    assert other_key["tls.client.spiffe_id"] != first["tls.client.spiffe_id"]
+
+
+def test_omit_mode_keeps_fingerprint_and_verify_result_only(
+    pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, quiet: Any
+) -> None:
+    text = capture(pki, tracer_provider, exporter, quiet, identity_mode="omit")
+    assert not [secret for secret in SECRETS if secret in text]
+    client_keys = {k for k in server_attributes(exporter) if k.startswith("tls.client.")}
+    assert client_keys == {"tls.client.hash.sha256", "tls.client.verify.result"}
+
+
+def test_hashed_mode_without_a_key_omits_and_warns(
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_MTLS_IDENTITY_MODE", "hashed")
+    monkeypatch.delenv("OTEL_PYTHON_MTLS_HASH_KEY", raising=False)
+    with caplog.at_level(logging.WARNING, logger="opentelemetry.instrumentation.mtls"):
+        text = capture(pki, tracer_provider, exporter, caplog)
+        warnings = [r.getMessage() for r in caplog.records if "HASH_KEY" in r.getMessage()]
+    assert len(warnings) == 1
+    assert not [secret for secret in SECRETS if secret in text]
+
+
+def test_invalid_mode_warns_and_stays_plain(
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_MTLS_IDENTITY_MODE", "scrambled")
+    with caplog.at_level(logging.WARNING, logger="opentelemetry.instrumentation.mtls"):
+        MTLSInstrumentor().instrument(tracer_provider=tracer_provider)
+        MTLSInstrumentor().uninstrument()
+    (warning,) = [r.getMessage() for r in caplog.records if "IDENTITY_MODE" in r.getMessage()]
+    assert "scrambled" in warning and "plain" in warning
