@@ -12,10 +12,11 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from conftest import PKI
+from opentelemetry.instrumentation.mtls._demo import uvicorn_thread
 
 START_TIMEOUT = 10.0
 
@@ -25,7 +26,6 @@ def _listen() -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-@contextmanager
 def uvicorn_server(
     app: Any,
     pki: PKI,
@@ -33,36 +33,10 @@ def uvicorn_server(
     loop: str = "asyncio",
     cert_reqs: ssl.VerifyMode = ssl.CERT_REQUIRED,
     tls: bool = True,
-) -> Iterator[int]:
+) -> AbstractContextManager[int]:
     """Serve ``app`` with uvicorn (``loop``: asyncio or uvloop); yield the port."""
-    import uvicorn
-
-    sock, port = _listen()
-    options: dict[str, Any] = {}
-    if tls:
-        options = {
-            "ssl_certfile": pki.server.cert_path,
-            "ssl_keyfile": pki.server.key_path,
-            "ssl_ca_certs": pki.ca.cert_path,
-            "ssl_cert_reqs": int(cert_reqs),
-        }
-    config = uvicorn.Config(
-        app, loop=loop, lifespan="off", log_level="warning", ws="websockets-sansio", **options
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(START_TIMEOUT)
-        sock.close()
+    leaf, ca = (pki.server, pki.ca) if tls else (None, None)
+    return uvicorn_thread(app, leaf, ca, loop=loop, cert_reqs=cert_reqs)
 
 
 @contextmanager

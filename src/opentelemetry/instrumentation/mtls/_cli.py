@@ -1,187 +1,80 @@
 """``otel-mtls``: see what the instrumentation records, with no collector.
 
-``otel-mtls demo`` runs an mTLS server on loopback, sends it a good client and the usual
-bad ones, and prints the handshake spans that were captured. ``otel-mtls inspect
+``otel-mtls demo`` runs two mTLS services on loopback, sends them a good client and the
+usual bad ones, and prints what was captured (see ``_demo``). ``otel-mtls inspect
 HOST:PORT`` performs one handshake and prints the attributes the instrumentation would
-record for it: a telemetry-minded ``openssl s_client``.
+record for it: a telemetry-minded ``openssl s_client``. ``otel-mtls pki DIR`` writes the
+demo's certificates for the examples.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime
 import json
+import shutil
 import socket
 import ssl
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
-from opentelemetry.instrumentation.mtls._pki import Authority, Leaf
-from opentelemetry.instrumentation.mtls._telemetry import CLIENT_SPAN_NAME, SERVER_SPAN_NAME
+from opentelemetry.instrumentation.mtls._pki import Leaf
+from opentelemetry.instrumentation.mtls._telemetry import SERVER_SPAN_NAME
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace import ReadableSpan
 
-_UTC = datetime.timezone.utc
 _TIMEOUT = 10.0
 
 
-@dataclass
-class _DemoPKI:
-    ca: Authority
-    other_ca: Authority
-    server: Leaf
-    clients: dict[str, Leaf | None]
-
-
-def _demo_pki() -> _DemoPKI:
-    ca = Authority("Demo CA", organization="demo")
-    other = Authority("Unknown CA", organization="elsewhere")
-    long_ago = datetime.datetime(2024, 1, 1, tzinfo=_UTC)
-    return _DemoPKI(
-        ca=ca,
-        other_ca=other,
-        server=ca.issue("api.demo.test", dns=("localhost",), ips=("127.0.0.1",)),
-        clients={
-            "good certificate": ca.issue("web", uris=("spiffe://demo.test/ns/shop/sa/web",)),
-            "certificate from an unknown CA": other.issue("intruder"),
-            "expired certificate": ca.issue(
-                "retired-batch-job",
-                uris=("spiffe://demo.test/ns/batch/sa/old",),
-                not_before=long_ago,
-                not_after=long_ago + datetime.timedelta(days=30),
-            ),
-            "no certificate": None,
-            "plain HTTP to the TLS port": None,
-        },
-    )
-
-
-def _sdk() -> tuple[TracerProvider, InMemorySpanExporter]:
+def _require_sdk() -> None:
     try:
-        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
-            InMemorySpanExporter,
-        )
+        import opentelemetry.sdk  # noqa: F401, PLC0415
+        import uvicorn  # noqa: F401, PLC0415
     except ImportError:
         sys.exit(
-            "otel-mtls needs the OpenTelemetry SDK: "
-            "pip install 'opentelemetry-instrumentation-mtls[demo]'"
+            "otel-mtls needs the demo extra: pip install 'opentelemetry-instrumentation-mtls[demo]'"
         )
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return provider, exporter
 
 
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answer one HTTP/1.1 request, greeting the client by its certificate's CN."""
-    peer = writer.get_extra_info("peercert") or {}
-    names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
-    body = f"hello, {names[0] if names else 'anonymous'}\n".encode()
-    try:
-        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        await writer.drain()
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-        pass
-    finally:
-        writer.close()
+def demo(args: argparse.Namespace) -> int:
+    """Run two mTLS services and five clients on loopback; print what was captured."""
+    _require_sdk()
+    from opentelemetry.instrumentation.mtls import _demo  # noqa: PLC0415
+
+    print("otel-mtls demo: a frontend and a backend with mTLS on 127.0.0.1, five clients\n")
+    results, captured, _ = _demo.run(args.otlp_endpoint)
+    print(_demo.summarise(results, captured))
+    if args.otlp_endpoint:
+        print(f"\nSpans and metrics were also exported to {args.otlp_endpoint}.")
+    handshakes = [s for s in captured.spans if s.name == SERVER_SPAN_NAME]
+    return 0 if len(handshakes) >= len(results) else 1
 
 
-async def _client(port: int, pki: _DemoPKI, name: str) -> str:
-    request = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    if name.startswith("plain HTTP"):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-    else:
-        ctx = ssl.create_default_context(cadata=pki.ca.cert_pem.decode())
-        cert = pki.clients[name]
-        if cert is not None:
-            cert.configure_cert(ctx)
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost"),
-                _TIMEOUT,
-            )
-        except (OSError, ssl.SSLError) as exc:
-            return f"handshake failed: {type(exc).__name__}"
-        writer.write(request)
-    try:
-        response = await asyncio.wait_for(reader.read(), _TIMEOUT)
-    except (OSError, ssl.SSLError) as exc:
-        return f"rejected after the handshake: {type(exc).__name__}"
-    finally:
-        writer.close()
-    if not response:
-        return "connection closed by the server"
-    lines = response.decode(errors="replace").splitlines()
-    return f"{lines[0]} ... {lines[-1]!r}"
+def write_pki(args: argparse.Namespace) -> int:
+    """Write the demo PKI as PEM files into a directory, for the examples."""
+    from opentelemetry.instrumentation.mtls import _demo  # noqa: PLC0415
 
-
-async def _run_demo(pki: _DemoPKI) -> list[tuple[str, str]]:
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    pki.server.configure_cert(server_ctx)
-    pki.ca.configure_trust(server_ctx)
-    server_ctx.verify_mode = ssl.CERT_REQUIRED
-    server = await asyncio.start_server(_serve, "127.0.0.1", 0, ssl=server_ctx)
-    port = server.sockets[0].getsockname()[1]
-    print(f"mTLS server on 127.0.0.1:{port} (CERT_REQUIRED, trusts 'Demo CA')\n")
-    results = []
-    for name in pki.clients:
-        results.append((name, await _client(port, pki, name)))
-        await asyncio.sleep(0.05)  # let the server finish its side
-    server.close()
-    await server.wait_closed()
-    return results
-
-
-def _summary(span: ReadableSpan) -> str:
-    attrs = dict(span.attributes or {})
-    who = attrs.get("tls.client.spiffe_id") or attrs.get("tls.client.subject")
-    if attrs.get("tls.established"):
-        version, cipher = attrs.get("tls.protocol.version"), attrs.get("tls.cipher")
-        return f"ok, client {who or '(no certificate)'}, TLS {version} {cipher}"
-    text = f"error.type={attrs.get('error.type')}"
-    if "tls.client.verify.message" in attrs:
-        text += f" ({attrs['tls.client.verify.code']}: {attrs['tls.client.verify.message']})"
-    return text
-
-
-def demo(_: argparse.Namespace) -> int:
-    """Run the loopback demo and print what was captured."""
-    provider, exporter = _sdk()
-    pki = _demo_pki()
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(tracer_provider=provider)
-    try:
-        results = asyncio.run(_run_demo(pki))
-    finally:
-        instrumentor.uninstrument()
-    spans = exporter.get_finished_spans()
-    servers = [s for s in spans if s.name == SERVER_SPAN_NAME]
-    clients = [s for s in spans if s.name == CLIENT_SPAN_NAME]
-    print(f"{'client':32} {'what the client saw':44} TLS server handshake span")
-    for (name, result), span in zip(results, servers, strict=False):
-        print(f"{name:32} {result[:44]:44} {_summary(span)}")
-    print(
-        f"\n{len(spans)} spans: {len(servers)} '{SERVER_SPAN_NAME}', "
-        f"{len(clients)} '{CLIENT_SPAN_NAME}'"
+    pki = _demo.make_pki()
+    target = Path(args.directory)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "ca.crt").write_bytes(pki.ca.cert_pem)
+    leaves: dict[str, Leaf | None] = {"frontend": pki.frontend, "backend": pki.backend}
+    leaves.update(
+        {
+            "client": pki.clients["good certificate"],
+            "wrong-ca": pki.clients["certificate from an unknown CA"],
+            "expired": pki.clients["expired certificate"],
+        }
     )
-    if servers:
-        print(f"\nThe '{SERVER_SPAN_NAME}' span of the good client:")
-        print(_span_json(servers[0]))
-    return 0 if len(servers) == len(results) else 1
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            shutil.copyfile(leaf.cert_path, target / f"{name}.crt")
+            shutil.copyfile(leaf.key_path, target / f"{name}.key")
+    print(f"wrote the demo PKI to {target}: ca.crt and {', '.join(leaves)} (.crt, .key)")
+    return 0
 
 
 def _span_json(span: ReadableSpan) -> str:
@@ -204,7 +97,16 @@ def _plain(value: Any) -> Any:
 
 def inspect(args: argparse.Namespace) -> int:
     """Handshake once with HOST:PORT and print the span the instrumentation records."""
-    provider, exporter = _sdk()
+    _require_sdk()
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+        InMemorySpanExporter,
+    )
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     host, _, port = args.target.rpartition(":")
     ctx = ssl.create_default_context(cafile=args.ca)
     if args.cert:
@@ -233,9 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``otel-mtls`` command."""
     parser = argparse.ArgumentParser(prog="otel-mtls", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run an mTLS server and clients on loopback").set_defaults(
-        run=demo
+    run_demo = commands.add_parser("demo", help="run two mTLS services and clients on loopback")
+    run_demo.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="also export over OTLP/HTTP, e.g. http://localhost:4318 (a collector or Jaeger)",
     )
+    run_demo.set_defaults(run=demo)
+    pki = commands.add_parser("pki", help="write the demo PKI (PEM files) into a directory")
+    pki.add_argument("directory")
+    pki.set_defaults(run=write_pki)
     probe = commands.add_parser("inspect", help="handshake with HOST:PORT, print the span")
     probe.add_argument("target", metavar="HOST:PORT")
     probe.add_argument("--cert", help="client certificate (PEM) to present")
