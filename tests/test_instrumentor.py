@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import asyncio.sslproto
 import importlib.metadata
 import logging
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 from opentelemetry import trace
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -22,6 +24,8 @@ from opentelemetry.instrumentation.mtls import MTLSInstrumentor, _failsafe, _han
 from tlsrun import blocking, on_loop
 
 PATCHED: list[tuple[type, str]] = [
+    (asyncio.base_events.BaseEventLoop, "create_server"),
+    (OpenTelemetryMiddleware, "__init__"),
     (ssl.SSLSocket, "do_handshake"),
     (ssl.SSLObject, "do_handshake"),
     (asyncio.sslproto.SSLProtocol, "connection_made"),
@@ -46,16 +50,17 @@ def test_public_surface() -> None:
 
 def test_uninstrument_restores_the_identical_originals(tracer_provider: TracerProvider) -> None:
     originals = {(owner, name): vars(owner)[name] for owner, name in PATCHED}
-    assert "create_server" not in vars(uvloop.Loop)
+    inherited = [(uvloop.Loop, "create_server"), (ssl.SSLContext, "load_cert_chain")]
+    assert not [name for owner, name in inherited if name in vars(owner)]
     instrumentor = MTLSInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider)
     try:
         assert all(vars(owner)[name] is not originals[owner, name] for owner, name in PATCHED)
-        assert "create_server" in vars(uvloop.Loop)
+        assert all(name in vars(owner) for owner, name in inherited)
     finally:
         instrumentor.uninstrument()
     assert all(vars(owner)[name] is originals[owner, name] for owner, name in PATCHED)
-    assert "create_server" not in vars(uvloop.Loop)
+    assert not [name for owner, name in inherited if name in vars(owner)]
 
 
 def test_instrument_twice_still_one_span_per_side(

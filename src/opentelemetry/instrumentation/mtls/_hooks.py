@@ -111,6 +111,9 @@ class SSLHooks:
         self._patches.replace(ssl.SSLSocket, "do_handshake", self._do_handshake)
         self._patches.replace(ssl.SSLObject, "do_handshake", self._do_handshake)
         self._patches.replace(ssl.SSLContext, "load_cert_chain", self._load_cert_chain)
+        self._patches.replace(
+            asyncio.base_events.BaseEventLoop, "create_server", self._create_server
+        )
         self._install_asyncio()
         self._install_uvloop()
         install_asgi_hook(self._patches)
@@ -130,7 +133,6 @@ class SSLHooks:
         if sys.version_info < (3, 11) or not hasattr(protocol, "_check_handshake_timeout"):
             return
         replace = self._patches.replace
-        replace(asyncio.base_events.BaseEventLoop, "create_server", self._create_server)
         replace(protocol, "connection_made", self._protocol_connection_made)
         replace(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
         replace(protocol, "_check_handshake_timeout", self._protocol_handshake_timeout)
