@@ -72,7 +72,9 @@ def write_pki(args: argparse.Namespace) -> int:
     for name, leaf in leaves.items():
         if leaf is not None:
             shutil.copyfile(leaf.cert_path, target / f"{name}.crt")
-            shutil.copyfile(leaf.key_path, target / f"{name}.key")
+            key = target / f"{name}.key"
+            shutil.copyfile(leaf.key_path, key)
+            key.chmod(0o600)  # private keys: readable by their owner only
     print(f"wrote the demo PKI to {target}: ca.crt and {', '.join(leaves)} (.crt, .key)")
     return 0
 

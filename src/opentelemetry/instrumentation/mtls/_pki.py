@@ -7,10 +7,12 @@ this is for loopback demos and tests, never for real services.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import ipaddress
 import itertools
 import os
+import shutil
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -29,7 +31,9 @@ def write(data: bytes, suffix: str) -> str:
     """Write bytes to a new file in this process's private PKI directory; return its path."""
     global _directory  # noqa: PLW0603
     if _directory is None:
+        # mkdtemp makes it readable by its owner only; it goes when the process does.
         _directory = tempfile.mkdtemp(prefix="otel-mtls-pki-")
+        atexit.register(shutil.rmtree, _directory, ignore_errors=True)
     path = os.path.join(_directory, f"{next(_counter)}{suffix}")
     with open(path, "wb") as f:
         f.write(data)
