@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -19,6 +20,17 @@ CASES: dict[str, tuple[str, Any, str, Any]] = {
     "expiry_warning_days": ("14", 14.0, "soon", 3.0),
     "identity_mode": ("HASHED", "hashed", "scrambled", "omit"),
     "hash_key": ("s3cret", "s3cret", "", "other"),
+    "trusted_proxies": (
+        "10.0.0.0/8, 127.0.0.1",
+        (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1/32")),
+        "10.0.0.0/33",
+        (),
+    ),
+    "nginx_cert_header": ("X-SSL-Client-Cert", "x-ssl-client-cert", "bad header", "x-cert"),
+    "allowed_issuers": ("CN=Demo CA", "CN=Demo CA", "", "CN=Other"),
+    "spiffe_trust_domains": ("demo.test", "demo.test", "", "other.test"),
+    "san_patterns": ("DNS:*.demo.test", "DNS:*.demo.test", "", "URI:spiffe://x/*"),
+    "enforce_identity_policy": ("true", True, "strict", False),
 }
 
 

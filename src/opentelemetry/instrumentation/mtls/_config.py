@@ -8,6 +8,7 @@ a deployment must never stop the service from starting.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -15,8 +16,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 from opentelemetry.instrumentation.mtls._identity import HASHED, OMIT, IdentityPolicy
+from opentelemetry.instrumentation.mtls._policy import IdentityRules
 
 _logger = logging.getLogger("opentelemetry.instrumentation.mtls")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -49,6 +53,19 @@ def _text(raw: str) -> str:
     return raw
 
 
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    return tuple(
+        ipaddress.ip_network(item.strip(), strict=False) for item in raw.split(",") if item.strip()
+    )
+
+
+def _header_name(raw: str) -> str:
+    name = raw.strip().lower()
+    if not name or any(c.isspace() or c == ":" for c in name):
+        raise ValueError("expected an HTTP header name")
+    return name
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw.strip())
     if not value > 0:
@@ -76,6 +93,28 @@ class MTLSConfig:
     """How peer identities appear in telemetry: ``plain``, ``hashed`` or ``omit``."""
     hash_key: str | None = field(default=None, repr=False)
     """The HMAC key of ``hashed`` mode; share it across services to correlate identities."""
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Peers whose client-certificate headers are believed (TLS ends at them)."""
+    nginx_cert_header: str = "ssl-client-cert"
+    """The request header an nginx in front puts ``$ssl_client_escaped_cert`` in."""
+    allowed_issuers: str | None = None
+    """Identity policy: issuer DNs (``;``-separated) or CA SHA-256 fingerprints."""
+    spiffe_trust_domains: str | None = None
+    """Identity policy: SPIFFE trust domains a client's ID must be in (comma-separated)."""
+    san_patterns: str | None = None
+    """Identity policy: SAN patterns such as ``DNS:*.internal.example.org`` (comma-separated)."""
+    enforce_identity_policy: bool = False
+    """Answer 403 to requests the identity policy denies (``MTLSMiddleware`` only)."""
+
+    def identity_rules(self) -> IdentityRules:
+        """Return the identity policy's rules; invalid rules warn and are dropped."""
+        try:
+            return IdentityRules.parse(
+                self.allowed_issuers, self.spiffe_trust_domains, self.san_patterns
+            )
+        except ValueError as exc:
+            _logger.warning("the identity policy is invalid (%s); no policy applies", exc)
+            return IdentityRules()
 
     def identity_policy(self) -> IdentityPolicy:
         """Return the identity policy asked for; ``hashed`` without a key omits instead."""
@@ -120,5 +159,11 @@ ENVIRONMENT: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "expiry_warning_days": ("OTEL_PYTHON_MTLS_EXPIRY_WARNING_DAYS", _positive_float),
     "identity_mode": ("OTEL_PYTHON_MTLS_IDENTITY_MODE", _identity_mode),
     "hash_key": ("OTEL_PYTHON_MTLS_HASH_KEY", _text),
+    "trusted_proxies": ("OTEL_PYTHON_MTLS_TRUSTED_PROXIES", _networks),
+    "nginx_cert_header": ("OTEL_PYTHON_MTLS_NGINX_CERT_HEADER", _header_name),
+    "allowed_issuers": ("OTEL_PYTHON_MTLS_ALLOWED_ISSUERS", _text),
+    "spiffe_trust_domains": ("OTEL_PYTHON_MTLS_SPIFFE_TRUST_DOMAINS", _text),
+    "san_patterns": ("OTEL_PYTHON_MTLS_SAN_PATTERNS", _text),
+    "enforce_identity_policy": ("OTEL_PYTHON_MTLS_ENFORCE_IDENTITY_POLICY", _boolean),
 }
 """Each option's environment variable and parser."""

@@ -34,7 +34,7 @@ from typing import Any, Final
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
-from opentelemetry.instrumentation.mtls import _failsafe, _peer_rejection
+from opentelemetry.instrumentation.mtls import _asgi, _failsafe, _peer_rejection
 from opentelemetry.instrumentation.mtls._asgi import install_asgi_hook
 from opentelemetry.instrumentation.mtls._certificate import (
     der_to_pem,
@@ -117,11 +117,24 @@ class SSLHooks:
         self._install_asyncio()
         self._install_uvloop()
         install_asgi_hook(self._patches)
+        config, telemetry = self._config, self._telemetry
+        _asgi.configure(
+            _asgi.RequestSettings(
+                trusted_proxies=config.trusted_proxies,
+                nginx_header=config.nginx_cert_header.encode("latin-1"),
+                rules=config.identity_rules(),
+                enforce=config.enforce_identity_policy,
+                policy=telemetry.policy,
+                decisions=telemetry.instruments.identity_decisions,
+                limiter=telemetry.limiter,
+            )
+        )
         self._installed = True
 
     def uninstall(self) -> None:
         """Put back the original methods."""
         self._installed = False
+        _asgi.configure(_asgi.RequestSettings())
         self._patches.restore()
         self._orphans.clear()
         REGISTRY.clear()

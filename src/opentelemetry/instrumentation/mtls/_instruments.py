@@ -20,6 +20,7 @@ CLIENT_HANDSHAKE_DURATION: Final = "tls.client.handshake.duration"
 SERVER_ACTIVE_HANDSHAKES: Final = "tls.server.active_handshakes"
 CLIENT_PEER_REJECTIONS: Final = "tls.client.peer_rejections"
 CERTIFICATE_TIME_LEFT: Final = "tls.certificate.time_left"
+IDENTITY_DECISIONS: Final = "tls.identity.decisions"
 
 # A resumed handshake on loopback takes a fraction of a millisecond, a full one over a
 # WAN link tens of milliseconds, a stalled one up to the server's timeout.
@@ -83,6 +84,11 @@ class Instruments:
             CLIENT_PEER_REJECTIONS,
             unit="{rejection}",
             description="TLS 1.3 servers that rejected our certificate after our handshake.",
+        )
+        self.identity_decisions = meter.create_counter(
+            IDENTITY_DECISIONS,
+            unit="{request}",
+            description="Requests judged by the identity policy, by decision and rule.",
         )
         meter.create_observable_up_down_counter(
             SERVER_ACTIVE_HANDSHAKES,

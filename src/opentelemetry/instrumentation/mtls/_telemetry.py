@@ -35,7 +35,11 @@ from opentelemetry.util.types import AttributeValue
 
 from opentelemetry.instrumentation.mtls import _audit
 from opentelemetry.instrumentation.mtls import attributes as names
-from opentelemetry.instrumentation.mtls._certificate import der_to_pem, parse_certificate
+from opentelemetry.instrumentation.mtls._certificate import (
+    CertificateInfo,
+    der_to_pem,
+    parse_certificate,
+)
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
 from opentelemetry.instrumentation.mtls._expiry import CertificateExpiry
 from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord
@@ -119,7 +123,14 @@ def certificate_attributes(
     der: bytes, peer_is_client: bool, policy: IdentityPolicy = DEFAULT_POLICY
 ) -> Mapping[str, AttributeValue]:
     """Return the attributes of one peer certificate in one role; cached, never mutate."""
-    info = policy.apply(parse_certificate(der))
+    return info_attributes(parse_certificate(der), peer_is_client, policy)
+
+
+def info_attributes(
+    info: CertificateInfo, peer_is_client: bool, policy: IdentityPolicy = DEFAULT_POLICY
+) -> Attributes:
+    """Return the attributes of a parsed peer certificate, as the identity policy allows."""
+    info = policy.apply(info)
     n = CLIENT_PEER if peer_is_client else SERVER_PEER
     attrs: Attributes = {n.hash_sha256: info.sha256}
     optional: tuple[tuple[str, str | None], ...] = (
@@ -207,7 +218,7 @@ class HandshakeTelemetry:
         )
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
-        self._limiter = _audit.RateLimiter(config.log_rate_limit)
+        self.limiter = _audit.RateLimiter(config.log_rate_limit)
         self._metric_attributes: dict[tuple[object, ...], Attributes] = {}
 
     def recording(self) -> bool:
@@ -292,7 +303,7 @@ class HandshakeTelemetry:
             event = _audit.HANDSHAKE_SUCCEEDED
             message = f"TLS {side} handshake succeeded{where}"
         else:
-            admitted = self._limiter.admit((peer[0] if peer else None, record.error_type))
+            admitted = self.limiter.admit((peer[0] if peer else None, record.error_type))
             if admitted is None:
                 return
             suppressed = admitted
@@ -318,7 +329,7 @@ class HandshakeTelemetry:
         if not _audit.audit_logger.isEnabledFor(logging.WARNING):
             return
         peer = record.peer_address
-        admitted = self._limiter.admit((peer[0] if peer else None, error_type))
+        admitted = self.limiter.admit((peer[0] if peer else None, error_type))
         if admitted is None:
             return
         fields = {**handshake_attributes(record, self._config, self.policy), **attributes}

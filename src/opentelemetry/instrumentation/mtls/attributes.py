@@ -60,6 +60,12 @@ TLS_SERVER_VERIFY_MESSAGE: Final = "tls.server.verify.message"
 TLS_CLIENT_IDENTITY_SOURCE: Final = "tls.client.identity.source"
 """Where a request's client identity came from: ``handshake``, ``xfcc``, ``rfc9440``…"""
 
+TLS_CLIENT_IDENTITY_DECISION: Final = "tls.client.identity.decision"
+"""What the identity policy decided for a request: ``allowed`` or ``denied``."""
+
+TLS_CLIENT_IDENTITY_RULE: Final = "tls.client.identity.rule"
+"""The identity policy rule that decided, e.g. ``issuer``, ``spiffe_trust_domain``."""
+
 VERIFY_RESULT_SUCCESS: Final = "success"
 """The peer's certificate was verified."""
 
