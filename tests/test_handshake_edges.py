@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import socket
 import ssl
+import sys
 import threading
 from typing import Any
 
@@ -272,3 +274,19 @@ def test_resumed_handshake_and_alpn(pki: PKI, exporter: InMemorySpanExporter) ->
     servers = [s.attributes or {} for s in handshake_spans(exporter, "server")]
     # The resumed session still names the client it was first established with.
     assert servers[1]["tls.client.subject"] == servers[0]["tls.client.subject"]
+
+
+def test_verified_chain_fingerprints_on_python_3_13(
+    pki: PKI, exporter: InMemorySpanExporter
+) -> None:
+    blocking(pki.server_context(), pki.client_context(pki.client))
+    server = handshake_spans(exporter, "server")[0].attributes or {}
+    if sys.version_info < (3, 13):
+        # Before 3.13 Python does not give the verified chain: nothing is claimed.
+        assert "tls.client.chain.hash.sha256" not in server
+        return
+    ca_der = pki.ca.certificate.public_bytes(serialization.Encoding.DER)
+    assert server["tls.client.chain.hash.sha256"] == (
+        hashlib.sha256(pki.client.der).hexdigest().upper(),
+        hashlib.sha256(ca_der).hexdigest().upper(),
+    )

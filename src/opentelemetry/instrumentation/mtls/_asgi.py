@@ -377,7 +377,9 @@ def tls_extension(connection: Connection) -> dict[str, Any]:
     chain: list[str] = []
     if record.peer_der is not None:
         sslobj = connection.ssl_object() if connection.ssl_object is not None else None
-        ders = peer_chain(sslobj, record.peer_der) if sslobj is not None else (record.peer_der,)
+        ders = record.peer_chain
+        if not ders:
+            ders = peer_chain(sslobj, record.peer_der) if sslobj is not None else (record.peer_der,)
         chain = [der_to_pem(der) for der in ders]
     certificate = record.peer_certificate
     return {

@@ -8,7 +8,9 @@ once, so that spans, metrics, logs and the connection registry all agree.
 from __future__ import annotations
 
 import ssl
+import sys
 from dataclasses import dataclass
+from typing import Final
 
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
@@ -21,6 +23,9 @@ from opentelemetry.instrumentation.mtls.attributes import (
     VERIFY_RESULT_NONE,
     VERIFY_RESULT_SUCCESS,
 )
+
+VERIFIED_CHAIN: Final = sys.version_info >= (3, 13)
+"""Python 3.13 gives the verified chain (``get_verified_chain``); before, only the leaf."""
 
 Address = tuple[str, int]
 SSLEndpoint = ssl.SSLSocket | ssl.SSLObject
@@ -79,7 +84,7 @@ def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chai
         record.peer_certificate = parse_certificate(der)
         if record.server_side or endpoint.context.verify_mode != ssl.CERT_NONE:
             record.verify_result = VERIFY_RESULT_SUCCESS
-        if capture_chain:
+        if capture_chain or VERIFIED_CHAIN:
             record.peer_chain = peer_chain(endpoint, der)
     else:
         record.verify_result = VERIFY_RESULT_NONE

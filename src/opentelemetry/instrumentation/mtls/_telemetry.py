@@ -62,6 +62,7 @@ class _PeerNames:
         "alternative_names",
         "certificate",
         "certificate_chain",
+        "chain_hash_sha256",
         "common_name",
         "hash_sha256",
         "issuer",
@@ -85,6 +86,9 @@ class _PeerNames:
         self.certificate = tls.TLS_CLIENT_CERTIFICATE if client else tls.TLS_SERVER_CERTIFICATE
         self.certificate_chain = (
             tls.TLS_CLIENT_CERTIFICATE_CHAIN if client else tls.TLS_SERVER_CERTIFICATE_CHAIN
+        )
+        self.chain_hash_sha256 = (
+            names.TLS_CLIENT_CHAIN_HASH_SHA256 if client else names.TLS_SERVER_CHAIN_HASH_SHA256
         )
         self.serial_number = (
             names.TLS_CLIENT_X509_SERIAL_NUMBER if client else names.TLS_SERVER_X509_SERIAL_NUMBER
@@ -186,8 +190,12 @@ def handshake_attributes(
             pass  # a PEM certificate names its subject: only in plain mode
         elif config.capture_certificate:
             attrs[peer.certificate] = der_to_pem(record.peer_der)
-        if config.capture_certificate_chain and record.peer_chain:
-            attrs[peer.certificate_chain] = [der_to_pem(der) for der in record.peer_chain]
+        if record.peer_chain:
+            attrs[peer.chain_hash_sha256] = [
+                parse_certificate(der).sha256 for der in record.peer_chain
+            ]
+            if config.capture_certificate_chain and policy.shows_certificate:
+                attrs[peer.certificate_chain] = [der_to_pem(der) for der in record.peer_chain]
     if record.verify_result is not None:
         attrs[peer.verify_result] = record.verify_result
     if record.verify_code is not None:

@@ -33,6 +33,12 @@ TLS_CLIENT_X509_PARSE_ERROR: Final = "tls.client.x509.parse_error"
 TLS_SERVER_X509_PARSE_ERROR: Final = "tls.server.x509.parse_error"
 """Exception class raised while parsing a server certificate that could not be parsed."""
 
+TLS_CLIENT_CHAIN_HASH_SHA256: Final = "tls.client.chain.hash.sha256"
+"""SHA-256 of each certificate of the client's verified chain, leaf first (Python 3.13+)."""
+
+TLS_SERVER_CHAIN_HASH_SHA256: Final = "tls.server.chain.hash.sha256"
+"""SHA-256 of each certificate of the server's verified chain, leaf first (Python 3.13+)."""
+
 TLS_CLIENT_SPIFFE_ID: Final = "tls.client.spiffe_id"
 """The first ``spiffe://`` URI subject alternative name of the client certificate."""
 
