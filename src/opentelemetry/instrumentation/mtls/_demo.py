@@ -11,6 +11,7 @@ records are kept in memory and summarised, or exported over OTLP/HTTP.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import logging
 import socket
@@ -95,9 +96,9 @@ def uvicorn_thread(
             "ssl_ca_certs": ca.cert_path,
             "ssl_cert_reqs": int(cert_reqs),
         }
-    config = uvicorn.Config(
-        app, loop=loop, lifespan="off", log_level="warning", ws="websockets-sansio", **tls
-    )
+    # WebSockets only where the websockets package is installed (the tests' extra).
+    ws = "websockets-sansio" if importlib.util.find_spec("websockets") else "none"
+    config = uvicorn.Config(app, loop=loop, lifespan="off", log_level="warning", ws=ws, **tls)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
