@@ -68,6 +68,10 @@ CLOCK_SKEW = 300.0
 """Tolerated clock difference with CRL and OCSP issuers, in seconds."""
 CRL_URL_CACHE_SIZE = 32
 """Downloaded CRLs kept at most (one per URL)."""
+TIMEOUT_BACKOFF = 10.0
+"""After a URL timed out, checks skip it for this long rather than each wait in turn."""
+MAX_PENDING = 1024
+"""Checks queued or running at most; beyond, ``submit`` answers ``unknown`` at once."""
 
 _CHUNK = 64 * 1024
 _CLOSED = "revocation checker closed"
@@ -106,6 +110,10 @@ class _CrlSet:
 
 class _FetchError(Exception):
     """A download failed; the message is the reason reported with ``unknown``."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class _BadIssuer(Exception):
@@ -182,6 +190,7 @@ class RevocationChecker:
         self._file_crls: dict[str, _CrlSet] = {}
         self._url_crls: OrderedDict[str, _CrlSet] = OrderedDict()
         self._url_inflight: dict[str, Future[_CrlSet]] = {}
+        self._timed_out_urls: dict[str, float] = {}
 
     def submit(self, leaf_der: bytes, issuer_der: bytes | None) -> Future[RevocationResult]:
         """Start a check of ``leaf_der`` (DER) and return its future at once.
@@ -204,6 +213,8 @@ class RevocationChecker:
             running = self._inflight.get(key)
             if running is not None:
                 return running[0]
+            if len(self._inflight) >= MAX_PENDING:  # not cached: a later submit retries
+                return _done(_unknown(CRL, "too many checks pending", now))
             future: Future[RevocationResult] = Future()
             # RUNNING at once: a caller cannot cancel a future other callers share.
             future.set_running_or_notify_cancel()
@@ -397,6 +408,27 @@ class RevocationChecker:
         return crl_set
 
     def _fetch(self, url: str, body: bytes | None, content_type: str | None) -> bytes:
+        """Download from ``url``, unless it timed out moments ago.
+
+        A server that does not answer would otherwise cost every queued check the full
+        timeout, and a backlog would build up behind it.
+        """
+        now = time.monotonic()
+        with self._lock:
+            down_until = self._timed_out_urls.get(url, 0.0)
+        if down_until > now:
+            raise _FetchError(f"skipped: timed out less than {TIMEOUT_BACKOFF:g} s ago")
+        try:
+            return self._download(url, body, content_type)
+        except _FetchError as exc:
+            if exc.timed_out:
+                with self._lock:
+                    for stale in [u for u, t in self._timed_out_urls.items() if t <= now]:
+                        del self._timed_out_urls[stale]
+                    self._timed_out_urls[url] = time.monotonic() + TIMEOUT_BACKOFF
+            raise
+
+    def _download(self, url: str, body: bytes | None, content_type: str | None) -> bytes:
         """GET (or POST ``body`` to) an http:// URL within the timeout and size cap."""
         if urllib.parse.urlsplit(url).scheme.lower() != "http":
             raise _FetchError("unsupported URL scheme (only http:// is fetched)")
@@ -415,9 +447,10 @@ class RevocationChecker:
                 raise _FetchError(f"redirect refused (HTTP {exc.code})") from None
             raise _FetchError(f"HTTP {exc.code}") from None
         except urllib.error.URLError as exc:
-            raise _FetchError(_describe(exc.reason)) from None
+            timed_out = isinstance(exc.reason, TimeoutError)
+            raise _FetchError(_describe(exc.reason), timed_out=timed_out) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _FetchError(_describe(exc)) from None
+            raise _FetchError(_describe(exc), timed_out=isinstance(exc, TimeoutError)) from None
 
 
 def _read_capped(response: http.client.HTTPResponse, deadline: float) -> bytes:
@@ -429,7 +462,7 @@ def _read_capped(response: http.client.HTTPResponse, deadline: float) -> bytes:
     total = 0
     while True:
         if time.monotonic() > deadline:
-            raise _FetchError("timed out")
+            raise _FetchError("timed out", timed_out=True)
         chunk = response.read1(_CHUNK)
         if not chunk:
             return b"".join(chunks)
