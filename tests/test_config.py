@@ -31,6 +31,10 @@ CASES: dict[str, tuple[str, Any, str, Any]] = {
     "spiffe_trust_domains": ("demo.test", "demo.test", "", "other.test"),
     "san_patterns": ("DNS:*.demo.test", "DNS:*.demo.test", "", "URI:spiffe://x/*"),
     "enforce_identity_policy": ("true", True, "strict", False),
+    "revocation": ("Observe", "observe", "sometimes", "enforce"),
+    "crl_files": ("/etc/a.crl,/etc/b.crl", "/etc/a.crl,/etc/b.crl", "", "/x.crl"),
+    "crl_urls": ("http://ca.test/crl", "http://ca.test/crl", "", "http://x/crl"),
+    "revocation_timeout": ("0.5", 0.5, "-1", 3.0),
 }
 
 

@@ -7,6 +7,7 @@ application's TCP peer is 127.0.0.1, trusted or not depending on the configurati
 from __future__ import annotations
 
 import base64
+import datetime
 import ipaddress
 import json
 import logging
@@ -183,3 +184,65 @@ def test_identity_policy_observes_or_enforces(
     assert decisions == ["allowed", "denied"]
     denials = [r for r in caplog.records if getattr(r, "event.name", "") == "tls.identity.denied"]
     assert [getattr(r, "tls.client.identity.rule") for r in denials] == ["spiffe_trust_domain"]
+
+
+def crl_file(pki: PKI, revoked: Leaf) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from pki import write
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.certificate.subject)
+        .last_update(now - datetime.timedelta(hours=1))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(revoked.certificate.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=5))
+            .build()
+        )
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    return write(crl.public_bytes(Encoding.PEM), ".crl")
+
+
+@pytest.mark.parametrize("mode", ["observe", "enforce"])
+def test_revocation_is_observed_or_enforced(
+    mode: str,
+    pki: PKI,
+    exporter: InMemorySpanExporter,
+    tracer_provider: TracerProvider,
+    configure: Any,
+) -> None:
+    revoked = pki.ca.issue("revoked-client")
+    configure(revocation=mode, crl_files=crl_file(pki, revoked))
+    statuses = []
+    for cert in (pki.client, revoked):
+        with (
+            uvicorn_server(app(tracer_provider), pki) as port,
+            httpx.Client(verify=pki.client_context(cert), timeout=10) as http,
+        ):
+            codes = [http.get(f"https://localhost:{port}/").status_code for _ in range(2)]
+        spans = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+        exporter.clear()
+        events = [
+            dict(e.attributes or {})
+            for s in spans
+            for e in s.events
+            if e.name == "tls.revocation.checked"
+        ]
+        statuses.append((codes, events[-1] if events else None))
+    good, bad = statuses
+    assert good == (
+        [200, 200],
+        {"tls.client.revocation.status": "good", "tls.client.revocation.source": "crl"},
+    )
+    expected = [403, 403] if mode == "enforce" else [200, 200]
+    assert bad[0] == expected
+    assert bad[1] == {
+        "tls.client.revocation.status": "revoked",
+        "tls.client.revocation.source": "crl",
+    }

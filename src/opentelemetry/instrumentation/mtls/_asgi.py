@@ -17,6 +17,7 @@ with the user's own hook.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -50,6 +51,7 @@ from opentelemetry.instrumentation.mtls._proxy_headers import (
     parse_xfcc,
 )
 from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection
+from opentelemetry.instrumentation.mtls._revocation import REVOKED
 from opentelemetry.instrumentation.mtls._telemetry import (
     Attributes,
     certificate_attributes,
@@ -60,6 +62,8 @@ from opentelemetry.instrumentation.mtls.attributes import (
     TLS_CLIENT_IDENTITY_DECISION,
     TLS_CLIENT_IDENTITY_RULE,
     TLS_CLIENT_IDENTITY_SOURCE,
+    TLS_CLIENT_REVOCATION_SOURCE,
+    TLS_CLIENT_REVOCATION_STATUS,
     TLS_CLIENT_VERIFY_RESULT,
     TLS_CLIENT_X509_PARSE_ERROR,
     VERIFY_RESULT_NONE,
@@ -79,6 +83,7 @@ _ENRICHED: Final = "otel.mtls.enriched"
 _DECISION: Final = "otel.mtls.decision"
 """Scope key holding the identity policy's decision, for enforcement."""
 DECISION_EVENT: Final = "tls.identity.decision"
+REVOCATION_EVENT: Final = "tls.revocation.checked"
 RULE_UNTRUSTED_PROXY_HEADER: Final = "untrusted_proxy_header"
 
 _XFCC: Final = b"x-forwarded-client-cert"
@@ -99,6 +104,9 @@ class RequestSettings:
     policy: IdentityPolicy = DEFAULT_POLICY
     decisions: Counter | None = None
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(5))
+    revocation_enforce: bool = False
+    revocation_timeout: float = 2.0
+    revocation_checks: Counter | None = None
 
 
 SETTINGS = RequestSettings()
@@ -200,6 +208,9 @@ def _identify(
         span_context = connection.record.span_context
         if span_context is not None and span_context.is_valid:
             span.add_link(span_context)
+    revocation = connection.revocation
+    if revocation is not None and revocation.done():
+        record_revocation(span, connection, settings)
     extensions = scope.get("extensions")
     if extensions is None:
         extensions = scope["extensions"] = {}
@@ -429,6 +440,37 @@ def _enrich_from_extension(
     return certificate
 
 
+def record_revocation(span: Span, connection: Connection, settings: RequestSettings) -> None:
+    """Put a finished revocation check on the request span; count it once per connection."""
+    if connection.revocation is None:
+        return
+    result = connection.revocation.result()
+    attributes: Attributes = {
+        TLS_CLIENT_REVOCATION_STATUS: result.status,
+        TLS_CLIENT_REVOCATION_SOURCE: result.source,
+    }
+    if span.is_recording():
+        span.add_event(REVOCATION_EVENT, attributes)
+    if settings.revocation_checks is not None and not connection.cache.get("revocation counted"):
+        connection.cache["revocation counted"] = True
+        settings.revocation_checks.add(1, attributes)
+
+
+async def _revoked(scope: Scope, settings: RequestSettings) -> bool:
+    """Wait (bounded) for the connection's revocation check; whether it says revoked."""
+    connection = _connection(scope)
+    if connection is None or connection.revocation is None:
+        return False
+    future = connection.revocation
+    if not future.done():
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), settings.revocation_timeout * 2)
+        except (asyncio.TimeoutError, Exception):
+            return False  # no answer in time: observe, do not block
+        record_revocation(trace.get_current_span(), connection, settings)
+    return future.result().status == REVOKED
+
+
 class MTLSMiddleware:
     """ASGI middleware: the client's identity on the current server span, and in the scope.
 
@@ -438,7 +480,8 @@ class MTLSMiddleware:
     ``TLS server handshake`` span, and fills ``scope["extensions"]["tls"]`` when the
     server did not. Behind a trusted proxy the identity comes from its header instead.
     With ``OTEL_PYTHON_MTLS_ENFORCE_IDENTITY_POLICY`` it answers 403 to requests the
-    identity policy denies. Everything else passes through untouched.
+    identity policy denies, and with ``OTEL_PYTHON_MTLS_REVOCATION=enforce`` to requests
+    whose client certificate is revoked. Everything else passes through untouched.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -447,8 +490,11 @@ class MTLSMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Enrich, enforce the identity policy if asked to, then call the application."""
         if scope.get("type") in ("http", "websocket"):
+            settings = SETTINGS
             decision = enrich(trace.get_current_span(), scope)
-            if decision is not None and not decision.allowed and SETTINGS.enforce:
+            if (decision is not None and not decision.allowed and settings.enforce) or (
+                settings.revocation_enforce and await _revoked(scope, settings)
+            ):
                 await _forbid(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from opentelemetry.instrumentation.mtls._identity import HASHED, OMIT, IdentityPolicy
 from opentelemetry.instrumentation.mtls._policy import IdentityRules
+from opentelemetry.instrumentation.mtls._revocation import RevocationChecker
 
 _logger = logging.getLogger("opentelemetry.instrumentation.mtls")
 
@@ -46,6 +47,13 @@ def _identity_mode(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("plain", "hashed", "omit"):
         raise ValueError("expected plain, hashed or omit")
+    return value
+
+
+def _revocation_mode(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("off", "observe", "enforce"):
+        raise ValueError("expected off, observe or enforce")
     return value
 
 
@@ -105,6 +113,14 @@ class MTLSConfig:
     """Identity policy: SAN patterns such as ``DNS:*.internal.example.org`` (comma-separated)."""
     enforce_identity_policy: bool = False
     """Answer 403 to requests the identity policy denies (``MTLSMiddleware`` only)."""
+    revocation: str = "off"
+    """Check client certificates' revocation: ``off``, ``observe`` or ``enforce`` (403)."""
+    crl_files: str | None = None
+    """CRL files (PEM or DER, comma-separated) to check client certificates against."""
+    crl_urls: str | None = None
+    """CRL URLs (http, comma-separated) to check client certificates against."""
+    revocation_timeout: float = 2.0
+    """Seconds a CRL download or OCSP query may take before the answer is ``unknown``."""
 
     def identity_rules(self) -> IdentityRules:
         """Return the identity policy's rules; invalid rules warn and are dropped."""
@@ -115,6 +131,20 @@ class MTLSConfig:
         except ValueError as exc:
             _logger.warning("the identity policy is invalid (%s); no policy applies", exc)
             return IdentityRules()
+
+    def revocation_checker(self) -> RevocationChecker | None:
+        """Return a revocation checker when checks are on, else None."""
+        if self.revocation == "off":
+            return None
+
+        def split(value: str | None) -> tuple[str, ...]:
+            return tuple(item.strip() for item in (value or "").split(",") if item.strip())
+
+        return RevocationChecker(
+            crl_files=split(self.crl_files),
+            crl_urls=split(self.crl_urls),
+            timeout=self.revocation_timeout,
+        )
 
     def identity_policy(self) -> IdentityPolicy:
         """Return the identity policy asked for; ``hashed`` without a key omits instead."""
@@ -165,5 +195,9 @@ ENVIRONMENT: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "spiffe_trust_domains": ("OTEL_PYTHON_MTLS_SPIFFE_TRUST_DOMAINS", _text),
     "san_patterns": ("OTEL_PYTHON_MTLS_SAN_PATTERNS", _text),
     "enforce_identity_policy": ("OTEL_PYTHON_MTLS_ENFORCE_IDENTITY_POLICY", _boolean),
+    "revocation": ("OTEL_PYTHON_MTLS_REVOCATION", _revocation_mode),
+    "crl_files": ("OTEL_PYTHON_MTLS_CRL_FILES", _text),
+    "crl_urls": ("OTEL_PYTHON_MTLS_CRL_URLS", _text),
+    "revocation_timeout": ("OTEL_PYTHON_MTLS_REVOCATION_TIMEOUT", _positive_float),
 }
 """Each option's environment variable and parser."""

@@ -99,6 +99,11 @@ class SSLHooks:
         self._timeouts: weakref.WeakKeyDictionary[ssl.SSLContext, float] = (
             weakref.WeakKeyDictionary()
         )
+        self._revocation = config.revocation_checker()
+        # Each server context's trusted CAs by subject, to find a client's issuer.
+        self._issuers: weakref.WeakKeyDictionary[ssl.SSLContext, dict[str, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
         # PEM of the certificate each server context presents, for the ASGI extension.
         self._local_pem: weakref.WeakKeyDictionary[ssl.SSLContext, str] = (
             weakref.WeakKeyDictionary()
@@ -127,6 +132,9 @@ class SSLHooks:
                 policy=telemetry.policy,
                 decisions=telemetry.instruments.identity_decisions,
                 limiter=telemetry.limiter,
+                revocation_enforce=config.revocation == "enforce",
+                revocation_timeout=config.revocation_timeout,
+                revocation_checks=telemetry.instruments.revocation_checks,
             )
         )
         self._installed = True
@@ -136,6 +144,8 @@ class SSLHooks:
         self._installed = False
         _asgi.configure(_asgi.RequestSettings())
         self._patches.restore()
+        if self._revocation is not None:
+            self._revocation.close()
         self._orphans.clear()
         REGISTRY.clear()
 
@@ -486,12 +496,32 @@ class SSLHooks:
                 self._local_pem.get(sslobj.context),
                 self._telemetry.policy,
             )
+            if self._revocation is not None and record.peer_der is not None:
+                issuer = self._issuer_of(record, sslobj.context)
+                connection.revocation = self._revocation.submit(record.peer_der, issuer)
             key = (local, peer)
             REGISTRY.add(key, connection)
             return key, connection
         except Exception as exc:
             _failsafe.report("registering a server connection", exc)
             return None
+
+    def _issuer_of(self, record: HandshakeRecord, context: ssl.SSLContext) -> bytes | None:
+        """Return the DER of the CA that issued a client certificate (chain, else context)."""
+        if len(record.peer_chain) > 1:
+            return record.peer_chain[1]
+        certificate = record.peer_certificate
+        if certificate is None or certificate.issuer is None:
+            return None
+        issuers = self._issuers.get(context)
+        if issuers is None:
+            issuers = {}
+            for der in context.get_ca_certs(binary_form=True):
+                subject = parse_certificate(der).subject
+                if subject is not None:
+                    issuers[subject] = der
+            self._issuers[context] = issuers
+        return issuers.get(certificate.issuer)
 
 
 def _shadow_connection_methods(protocol: Any, register: Any) -> None:

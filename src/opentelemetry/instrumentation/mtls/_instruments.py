@@ -21,6 +21,7 @@ SERVER_ACTIVE_HANDSHAKES: Final = "tls.server.active_handshakes"
 CLIENT_PEER_REJECTIONS: Final = "tls.client.peer_rejections"
 CERTIFICATE_TIME_LEFT: Final = "tls.certificate.time_left"
 IDENTITY_DECISIONS: Final = "tls.identity.decisions"
+REVOCATION_CHECKS: Final = "tls.revocation.checks"
 
 # A resumed handshake on loopback takes a fraction of a millisecond, a full one over a
 # WAN link tens of milliseconds, a stalled one up to the server's timeout.
@@ -89,6 +90,11 @@ class Instruments:
             IDENTITY_DECISIONS,
             unit="{request}",
             description="Requests judged by the identity policy, by decision and rule.",
+        )
+        self.revocation_checks = meter.create_counter(
+            REVOCATION_CHECKS,
+            unit="{check}",
+            description="Client certificates checked for revocation, by status and source.",
         )
         meter.create_observable_up_down_counter(
             SERVER_ACTIVE_HANDSHAKES,

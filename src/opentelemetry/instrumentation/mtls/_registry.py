@@ -13,11 +13,13 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from opentelemetry.instrumentation.mtls._handshake import Address, HandshakeRecord, SSLEndpoint
 from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
+from opentelemetry.instrumentation.mtls._revocation import RevocationResult
 
 MAX_CONNECTIONS: Final = 65536
 
@@ -35,6 +37,8 @@ class Connection:
     """PEM of the certificate the server presented, when the process loaded it."""
     policy: IdentityPolicy = DEFAULT_POLICY
     """How the client's identity may appear on request spans."""
+    revocation: Future[RevocationResult] | None = None
+    """The client certificate's revocation check, running off the handshake's path."""
     cache: dict[str, Any] = field(default_factory=dict)
     """What requests derive from the handshake, built on the first request."""
 

@@ -72,6 +72,12 @@ TLS_CLIENT_IDENTITY_DECISION: Final = "tls.client.identity.decision"
 TLS_CLIENT_IDENTITY_RULE: Final = "tls.client.identity.rule"
 """The identity policy rule that decided, e.g. ``issuer``, ``spiffe_trust_domain``."""
 
+TLS_CLIENT_REVOCATION_STATUS: Final = "tls.client.revocation.status"
+"""Whether the client certificate is revoked: ``good``, ``revoked`` or ``unknown``."""
+
+TLS_CLIENT_REVOCATION_SOURCE: Final = "tls.client.revocation.source"
+"""Where the revocation status came from: ``crl`` or ``ocsp``."""
+
 VERIFY_RESULT_SUCCESS: Final = "success"
 """The peer's certificate was verified."""
 
