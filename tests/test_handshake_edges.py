@@ -290,3 +290,55 @@ def test_verified_chain_fingerprints_on_python_3_13(
         hashlib.sha256(pki.client.der).hexdigest().upper(),
         hashlib.sha256(ca_der).hexdigest().upper(),
     )
+
+
+def test_sans_of_a_verified_certificate_survive_a_malformed_extension(
+    pki: PKI, exporter: InMemorySpanExporter
+) -> None:
+    """cryptography rejects all extensions for one bad one; OpenSSL verified the SANs."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "odd")]))
+        .issuer_name(pki.ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier("spiffe://example.org/odd")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        # An SCT list extension whose content is not an SCT list.
+        .add_extension(
+            x509.UnrecognizedExtension(
+                ObjectIdentifier("1.3.6.1.4.1.11129.2.4.2"), b"\x04\x03\x00\x01\x00"
+            ),
+            critical=False,
+        )
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    client = pki.client_context(None)
+    client.load_cert_chain(
+        write(certificate.public_bytes(serialization.Encoding.PEM), ".crt"),
+        write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            ".key",
+        ),
+    )
+    assert blocking(pki.server_context(), client).client_read == "b'hello'"
+    server = handshake_spans(exporter, "server")[0].attributes or {}
+    assert server["tls.client.x509.parse_error"] == "ValueError"
+    assert server["tls.client.spiffe_id"] == "spiffe://example.org/odd"
+    assert server["tls.client.x509.alternative_names"] == ("URI:spiffe://example.org/odd",)

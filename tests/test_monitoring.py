@@ -342,3 +342,63 @@ def test_late_rejection_seen_by_an_asyncio_client(
     assert [(dict(p.attributes), p.value) for p in rejections] == [
         ({"error.type": "peer_connection_closed"}, 1)
     ]
+
+
+def test_rate_limits_are_kept_per_kind_of_record(audit: list[logging.LogRecord]) -> None:
+    from opentelemetry import metrics, trace
+
+    from opentelemetry.instrumentation.mtls._config import MTLSConfig
+    from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, fill_failure
+    from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
+
+    telemetry = HandshakeTelemetry(
+        trace.NoOpTracer(), metrics.NoOpMeter("test"), MTLSConfig(log_rate_limit=1)
+    )
+    client = HandshakeRecord(server_side=False, start_ns=0, end_ns=0)
+    client.peer_address = ("127.0.0.1", 443)
+    for _ in range(3):  # one written, two held back
+        telemetry.peer_rejected(client, "peer_connection_closed", "closed")
+    server = HandshakeRecord(server_side=True, start_ns=0, end_ns=1)
+    server.peer_address = ("127.0.0.1", 50000)
+    fill_failure(server, ConnectionResetError("closed"))
+    telemetry.emit(server)
+    failed = [r for r in audit if getattr(r, "event.name") == "tls.handshake.failed"]
+    # The server's record does not count the client's held-back rejections.
+    assert [getattr(r, "tls.log.suppressed_count", 0) for r in failed] == [0]
+
+
+def test_late_rejection_seen_when_the_client_writes_first(
+    pki: PKI, reader: InMemoryMetricReader, monitored: MTLSInstrumentor
+) -> None:
+    """HTTP clients write first; a rejection that already arrived makes the write fail."""
+    ctx = pki.server_context()
+    failures = 0
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(TIMEOUT)
+
+        def serve() -> None:
+            for _ in range(5):
+                conn, _ = listener.accept()
+                with contextlib.suppress(OSError):
+                    ctx.wrap_socket(conn, server_side=True)
+                conn.close()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        for _ in range(5):
+            with (
+                socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw,
+                pki.client_context(pki.untrusted_client).wrap_socket(
+                    raw, server_hostname="localhost"
+                ) as tls,
+            ):
+                time.sleep(0.1)  # the server's verdict arrives before we write
+                try:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    tls.recv(1)
+                except (OSError, ssl.SSLError):
+                    failures += 1
+        thread.join(TIMEOUT)
+    assert failures == 5
+    rejections = points(reader, "tls.client.peer_rejections")
+    assert sum(p.value for p in rejections) == 5

@@ -54,8 +54,8 @@ from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection
 from opentelemetry.instrumentation.mtls._revocation import REVOKED
 from opentelemetry.instrumentation.mtls._telemetry import (
     Attributes,
-    certificate_attributes,
     info_attributes,
+    record_certificate_attributes,
 )
 from opentelemetry.instrumentation.mtls._tls_values import iana_cipher_code, version_code
 from opentelemetry.instrumentation.mtls.attributes import (
@@ -347,7 +347,7 @@ def _record_decision(
         return
     client = scope.get("client")
     peer = client[0] if client else None
-    suppressed = settings.limiter.admit((peer, decision.rule))
+    suppressed = settings.limiter.admit((_audit.IDENTITY_DENIED, peer, decision.rule))
     if suppressed is None:
         return
     fields: Attributes = dict(attributes)
@@ -378,7 +378,7 @@ def request_attributes(
     if record.cipher is not None:
         attributes[tls.TLS_CIPHER] = record.cipher
     if record.peer_der is not None:
-        attributes.update(certificate_attributes(record.peer_der, True, policy))
+        attributes.update(record_certificate_attributes(record, policy, peer_is_client=True))
     return attributes
 
 

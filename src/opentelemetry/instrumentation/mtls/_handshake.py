@@ -7,10 +7,11 @@ once, so that spans, metrics, logs and the connection registry all agree.
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 import sys
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
@@ -81,13 +82,43 @@ def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chai
     der = tls.getpeercert(True)
     if der:
         record.peer_der = der
-        record.peer_certificate = parse_certificate(der)
+        certificate = parse_certificate(der)
+        if certificate.parse_error is not None:
+            certificate = _complete_from_openssl(certificate, tls)
+        record.peer_certificate = certificate
         if record.server_side or endpoint.context.verify_mode != ssl.CERT_NONE:
             record.verify_result = VERIFY_RESULT_SUCCESS
         if capture_chain or VERIFIED_CHAIN:
             record.peer_chain = peer_chain(endpoint, der)
     else:
         record.verify_result = VERIFY_RESULT_NONE
+
+
+_OPENSSL_SAN_KINDS: Final = {"DNS": "DNS", "URI": "URI", "IP Address": "IP", "email": "email"}
+
+
+def _complete_from_openssl(certificate: CertificateInfo, tls: Any) -> CertificateInfo:
+    """Fill in the SANs of a certificate ``cryptography`` could not fully read.
+
+    cryptography decodes all extensions at once, so one malformed extension hides the
+    SANs (and the SPIFFE ID) of a certificate OpenSSL has just verified; OpenSSL's own
+    reading of the verified peer certificate still has them.
+    """
+    if certificate.alternative_names:
+        return certificate
+    try:
+        peer = tls.getpeercert()
+    except (ValueError, OSError):
+        return certificate
+    names = tuple(
+        f"{_OPENSSL_SAN_KINDS[kind]}:{value}"
+        for kind, value in (peer or {}).get("subjectAltName", ())
+        if kind in _OPENSSL_SAN_KINDS
+    )
+    if not names:
+        return certificate
+    spiffe = next((n[4:] for n in names if n.startswith("URI:spiffe://")), None)
+    return dataclasses.replace(certificate, alternative_names=names, spiffe_id=spiffe)
 
 
 def fill_failure(

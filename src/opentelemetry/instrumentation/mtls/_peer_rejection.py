@@ -2,10 +2,11 @@
 
 In TLS 1.3 the client finishes its handshake before the server has judged the client's
 certificate, so a rejection (an alert, or a server that just hangs up) reaches the
-client on its first read. For each TLS 1.3 client connection we stand in for the ssl
-object's ``read`` until the first application data arrives: an instance attribute that
-shadows the class's method, so every other connection pays nothing and the watched one
-stops paying once it has read. What the application sees is unchanged: the original
+client on its first read, or makes its first write fail. For each TLS 1.3 client
+connection we stand in for the ssl object's ``read`` (and a blocking socket's ``send``)
+until the first application data arrives: instance attributes that shadow the class's
+methods, so every other connection pays nothing and the watched one stops paying once it
+has read. What the application sees is unchanged: the original
 ``read`` runs, and its result or exception passes through.
 """
 
@@ -21,15 +22,20 @@ from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, SSLEn
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _READ: Final = "read"
+_SEND: Final = "send"
 
 OnRejected = Callable[[HandshakeRecord, str, str], None]
 """Called with the client's handshake record, the ``error.type`` and a message."""
 
 
-class FirstReadWatch:
-    """The ``read`` of one TLS 1.3 client connection until its first application data."""
+class FirstDataWatch:
+    """One TLS 1.3 client connection, watched until its first application data arrives.
 
-    __slots__ = ("_endpoint", "_on_rejected", "_record")
+    Stands in for the ssl object's ``read`` and, on blocking sockets, ``send``: HTTP
+    clients write first, and a server that has already rejected us makes the write fail.
+    """
+
+    __slots__ = ("_endpoint", "_on_rejected", "_record", "read", "send")
 
     def __init__(
         self, endpoint: SSLEndpoint, record: HandshakeRecord, on_rejected: OnRejected
@@ -38,31 +44,40 @@ class FirstReadWatch:
         self._endpoint = weakref.ref(endpoint)
         self._record = record
         self._on_rejected = on_rejected
+        self.read = self._call(_READ)
+        self.send = self._call(_SEND)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        endpoint = self._endpoint()
-        if endpoint is None:  # pragma: no cover - the endpoint owns us
-            raise RuntimeError("TLS connection is gone")
-        try:
-            read: Callable[..., Any] = type(endpoint).read
-            data = read(endpoint, *args, **kwargs)
-        except _AGAIN:
-            raise
-        except BaseException as exc:
-            self.stop(endpoint)
-            error_type = _rejection_type(exc)
-            if error_type is not None:
-                self._on_rejected(self._record, error_type, str(exc))
-            raise
-        self.stop(endpoint)
-        if not data:
-            self.closed()
-        return data
+    def _call(self, name: str) -> Callable[..., Any]:
+        def method(*args: Any, **kwargs: Any) -> Any:
+            endpoint = self._endpoint()
+            if endpoint is None:  # pragma: no cover - the endpoint owns us
+                raise RuntimeError("TLS connection is gone")
+            original: Callable[..., Any] = getattr(type(endpoint), name)
+            try:
+                result = original(endpoint, *args, **kwargs)
+            except _AGAIN:
+                raise
+            except BaseException as exc:
+                self.stop(endpoint)
+                error_type = _rejection_type(exc)
+                if error_type is not None:
+                    self._on_rejected(self._record, error_type, str(exc))
+                raise
+            if name == _READ:
+                self.stop(endpoint)
+                if not result:
+                    self.closed()
+            return result
+
+        method.watch = self  # type: ignore[attr-defined]  # found again by connection_lost
+        return method
 
     def stop(self, endpoint: SSLEndpoint) -> None:
-        """Put the class's ``read`` back in charge of this connection."""
-        if endpoint.__dict__.get(_READ) is self:
-            del endpoint.__dict__[_READ]
+        """Put the class's methods back in charge of this connection."""
+        state = endpoint.__dict__
+        for name in (_READ, _SEND):
+            if state.get(name) is getattr(self, name):
+                del state[name]
 
     def closed(self) -> None:
         """Report a server that closed the connection before sending anything."""
@@ -74,14 +89,20 @@ class FirstReadWatch:
 
 
 def watch(endpoint: SSLEndpoint, record: HandshakeRecord, on_rejected: OnRejected) -> None:
-    """Watch a TLS 1.3 client connection's first read for the server's rejection."""
-    endpoint.__dict__[_READ] = FirstReadWatch(endpoint, record, on_rejected)
+    """Watch a TLS 1.3 client connection's first read (and write) for a rejection."""
+    watcher = FirstDataWatch(endpoint, record, on_rejected)
+    state = endpoint.__dict__
+    state[_READ] = watcher.read
+    if isinstance(endpoint, ssl.SSLSocket):
+        # SSLSocket.sendall calls self.send; SSLObject writes never meet the peer.
+        state[_SEND] = watcher.send
 
 
 def connection_lost(endpoint: SSLEndpoint) -> None:
     """Report a watched connection that an event loop lost before any data: a rejection."""
-    watcher = endpoint.__dict__.get(_READ)
-    if isinstance(watcher, FirstReadWatch):
+    read = endpoint.__dict__.get(_READ)
+    watcher = getattr(read, "watch", None)
+    if isinstance(watcher, FirstDataWatch):
         watcher.stop(endpoint)
         watcher.closed()
 

@@ -155,6 +155,17 @@ def info_attributes(
     return attrs
 
 
+def record_certificate_attributes(
+    record: HandshakeRecord, policy: IdentityPolicy = DEFAULT_POLICY, *, peer_is_client: bool
+) -> Mapping[str, AttributeValue]:
+    """Return the peer certificate's attributes of a record (which has a peer DER)."""
+    info = record.peer_certificate
+    if info is not None and info.parse_error is not None:
+        # Completed from OpenSSL's view (see _handshake): not the cached parse.
+        return info_attributes(info, peer_is_client, policy)
+    return certificate_attributes(record.peer_der or b"", peer_is_client, policy)
+
+
 def handshake_attributes(
     record: HandshakeRecord, config: MTLSConfig, policy: IdentityPolicy = DEFAULT_POLICY
 ) -> Attributes:
@@ -185,7 +196,9 @@ def handshake_attributes(
         attrs[client_attributes.CLIENT_ADDRESS] = client[0]
         attrs[client_attributes.CLIENT_PORT] = client[1]
     if record.peer_der is not None:
-        attrs.update(certificate_attributes(record.peer_der, record.server_side, policy))
+        attrs.update(
+            record_certificate_attributes(record, policy, peer_is_client=record.server_side)
+        )
         if not policy.shows_certificate:
             pass  # a PEM certificate names its subject: only in plain mode
         elif config.capture_certificate:
@@ -311,7 +324,9 @@ class HandshakeTelemetry:
             event = _audit.HANDSHAKE_SUCCEEDED
             message = f"TLS {side} handshake succeeded{where}"
         else:
-            admitted = self.limiter.admit((peer[0] if peer else None, record.error_type))
+            admitted = self.limiter.admit(
+                (_audit.HANDSHAKE_FAILED, peer[0] if peer else None, record.error_type)
+            )
             if admitted is None:
                 return
             suppressed = admitted
@@ -337,7 +352,7 @@ class HandshakeTelemetry:
         if not _audit.audit_logger.isEnabledFor(logging.WARNING):
             return
         peer = record.peer_address
-        admitted = self.limiter.admit((peer[0] if peer else None, error_type))
+        admitted = self.limiter.admit((_audit.PEER_REJECTED, peer[0] if peer else None, error_type))
         if admitted is None:
             return
         fields = {**handshake_attributes(record, self._config, self.policy), **attributes}
