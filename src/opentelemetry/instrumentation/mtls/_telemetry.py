@@ -231,7 +231,9 @@ class HandshakeTelemetry:
         # provider is set, which may happen after instrument(): ask them every time.
         self._proxy = tracer if isinstance(tracer, ProxyTracer) else None
         self._tracing = not isinstance(tracer, NoOpTracer)
-        self._meter = meter
+        # Like the tracer: an SDK meter records; the global proxy does once one is set.
+        self._meter_proxy = meter if hasattr(meter, "_real_meter") else None
+        self._metering = self._meter_proxy is None and _meter_recording(meter)
         self.expiry = CertificateExpiry(
             peer_limit=config.peer_certificate_limit,
             warning_window_s=config.expiry_warning_days * 86400,
@@ -247,6 +249,7 @@ class HandshakeTelemetry:
 
         With the API alone spans and metrics are no-ops, so the hooks skip building
         records for successes; failures are still recorded for the security-event logs.
+        This runs on every entry into a handshake: a few attribute reads.
         """
         proxy = self._proxy
         if proxy is None:
@@ -254,7 +257,10 @@ class HandshakeTelemetry:
                 return True
         elif not isinstance(proxy._tracer, NoOpTracer):
             return True
-        return self._config.log_success or _meter_recording(self._meter)
+        if self._metering or self._config.log_success:
+            return True
+        meter_proxy = self._meter_proxy
+        return meter_proxy is not None and _meter_recording(meter_proxy)
 
     def emit(self, record: HandshakeRecord) -> None:
         """Emit the span, the metrics and, for failures, the log record of one attempt."""
