@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import math
 import platform
 import ssl
 import statistics
@@ -84,9 +83,9 @@ from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, fill_
 from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection, Key
 
 if TYPE_CHECKING:  # mypy, run from the repository's root, sees the directory as a package
-    from benchmarks.handshake_overhead import handshake, make_pki
+    from benchmarks.handshake_overhead import handshake, make_pki, median_ci, quartiles
 else:  # run as a script, the script's directory is on sys.path
-    from handshake_overhead import handshake, make_pki
+    from handshake_overhead import handshake, make_pki, median_ci, quartiles
 
 SERVER_ADDRESS: Final = ("127.0.0.1", 8443)
 CLIENT_ADDRESS: Final = ("127.0.0.1", 50000)
@@ -387,23 +386,6 @@ class Summary:
     @property
     def ratio(self) -> float:
         return statistics.median(self.ratios)
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
-
-
-def median_ci(values: list[float]) -> tuple[float, float]:
-    """Distribution-free ~95% confidence interval of the median (binomial order statistics)."""
-    ordered = sorted(values)
-    n = len(ordered)
-    half_width = 0.98 * math.sqrt(n)  # 1.96 / 2 * sqrt(n) ranks either side of n / 2
-    low = max(0, math.floor(n / 2 - half_width) - 1)
-    high = min(n - 1, math.ceil(n / 2 + half_width) - 1)
-    return ordered[low], ordered[high]
 
 
 def spread(values: list[float], fmt: str) -> str:

@@ -59,25 +59,9 @@ def test_not_yet_valid_and_self_signed_clients(pki: PKI, exporter: InMemorySpanE
 
 def test_revoked_client_with_crl_check(pki: PKI, exporter: InMemorySpanExporter) -> None:
     revoked = pki.ca.issue("revoked-client")
-    now = datetime.datetime.now(UTC)
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(pki.ca.certificate.subject)
-        .last_update(now - datetime.timedelta(hours=1))
-        .next_update(now + datetime.timedelta(days=1))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(revoked.certificate.serial_number)
-            .revocation_date(now - datetime.timedelta(minutes=5))
-            .build()
-        )
-        .sign(pki.ca.key, hashes.SHA256())
-    )
     server_ctx = pki.server_context()
     # OpenSSL reads CRLs from a CA file, not from cadata.
-    server_ctx.load_verify_locations(
-        cafile=write(crl.public_bytes(serialization.Encoding.PEM), ".crl")
-    )
+    server_ctx.load_verify_locations(cafile=write(pki.ca.revocation_list(revoked), ".crl"))
     server_ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     blocking(server_ctx, pki.client_context(revoked))
     blocking(server_ctx, pki.client_context(pki.client))  # negative control: not revoked

@@ -7,7 +7,6 @@ application's TCP peer is 127.0.0.1, trusted or not depending on the configurati
 from __future__ import annotations
 
 import base64
-import datetime
 import ipaddress
 import json
 import logging
@@ -187,26 +186,9 @@ def test_identity_policy_observes_or_enforces(
 
 
 def crl_file(pki: PKI, revoked: Leaf) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
     from pki import write
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(pki.ca.certificate.subject)
-        .last_update(now - datetime.timedelta(hours=1))
-        .next_update(now + datetime.timedelta(days=1))
-        .add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(revoked.certificate.serial_number)
-            .revocation_date(now - datetime.timedelta(minutes=5))
-            .build()
-        )
-        .sign(pki.ca.key, hashes.SHA256())
-    )
-    return write(crl.public_bytes(Encoding.PEM), ".crl")
+    return write(pki.ca.revocation_list(revoked), ".crl")
 
 
 @pytest.mark.parametrize("mode", ["observe", "enforce"])

@@ -113,6 +113,24 @@ class Authority:
         """Trust certificates this CA issued on ``ctx``."""
         ctx.load_verify_locations(cadata=self.cert_pem.decode())
 
+    def revocation_list(self, *revoked: Leaf) -> bytes:
+        """Return a CRL (PEM), valid for a day, that revokes ``revoked``."""
+        now = datetime.datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now - datetime.timedelta(hours=1))
+            .next_update(now + datetime.timedelta(days=1))
+        )
+        for leaf in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(leaf.certificate.serial_number)
+                .revocation_date(now - datetime.timedelta(minutes=5))
+                .build()
+            )
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
     def issue(
         self,
         common_name: str | None,
