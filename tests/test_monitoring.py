@@ -316,12 +316,15 @@ def test_late_rejection_seen_by_an_asyncio_client(
 ) -> None:
     """An asyncio server closes without an alert; a blocking one sends it."""
 
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello")
+        await writer.drain()
+        writer.close()  # Python 3.13 warns about a writer left open
+
     async def main() -> list[str]:
         outcomes = []
         for cert in (pki.untrusted_client, pki.client):
-            server = await asyncio.start_server(
-                lambda r, w: w.write(b"hello"), "127.0.0.1", 0, ssl=pki.server_context()
-            )
+            server = await asyncio.start_server(greet, "127.0.0.1", 0, ssl=pki.server_context())
             port = server.sockets[0].getsockname()[1]
             reader_, writer = await asyncio.open_connection(
                 "127.0.0.1", port, ssl=pki.client_context(cert), server_hostname="localhost"
