@@ -199,15 +199,15 @@ def handshake_attributes(
         attrs.update(
             record_certificate_attributes(record, policy, peer_is_client=record.server_side)
         )
-        if not policy.shows_certificate:
-            pass  # a PEM certificate names its subject: only in plain mode
-        elif config.capture_certificate:
+        # A PEM certificate names its subject: recorded in plain mode only.
+        show_pem = policy.shows_certificate
+        if show_pem and config.capture_certificate:
             attrs[peer.certificate] = der_to_pem(record.peer_der)
         if record.peer_chain:
             attrs[peer.chain_hash_sha256] = [
                 parse_certificate(der).sha256 for der in record.peer_chain
             ]
-            if config.capture_certificate_chain and policy.shows_certificate:
+            if show_pem and config.capture_certificate_chain:
                 attrs[peer.certificate_chain] = [der_to_pem(der) for der in record.peer_chain]
     if record.verify_result is not None:
         attrs[peer.verify_result] = record.verify_result
