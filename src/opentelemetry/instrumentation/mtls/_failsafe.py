@@ -25,7 +25,8 @@ def report(where: str, exc: BaseException) -> None:
     key = (type(exc).__qualname__, str(exc))
     with _lock:
         first = key not in _reported and len(_reported) < _MAX_DISTINCT
-        _reported.add(key)
+        if first:  # bounded: messages may carry addresses, so keys are unbounded
+            _reported.add(key)
     if first:
         logger.warning(
             "opentelemetry-instrumentation-mtls failed in %s; the host is unaffected "

@@ -58,6 +58,9 @@ _PENDING: Final = "_otel_mtls_attempt"
 """Key of an attempt in progress in its ssl object's ``__dict__``."""
 _RECORD: Final = "_otel_mtls_record"
 """Key of a server connection's handshake record in its ssl object's ``__dict__``."""
+_CONNECTION: Final = "_otel_mtls_connection"
+"""Key of a server connection's registry entry in its ssl object's ``__dict__``."""
+_DRAIN_BATCH: Final = 256
 
 # asyncio.constants.SSL_HANDSHAKE_TIMEOUT: what a loop uses when it is given none.
 _DEFAULT_LOOP_HANDSHAKE_TIMEOUT: Final = 60.0
@@ -160,6 +163,7 @@ class SSLHooks:
         replace(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
         replace(protocol, "_check_handshake_timeout", self._protocol_handshake_timeout)
         replace(protocol, "connection_lost", self._protocol_connection_lost)
+        replace(protocol, "_start_shutdown", self._protocol_start_shutdown)
 
     def _install_uvloop(self) -> None:
         # uvloop's SSL protocol is compiled and cannot be patched; what it was told
@@ -290,8 +294,6 @@ class SSLHooks:
             attempt.open = False
             if not self._installed:
                 return
-            if attempt.server_side:
-                self._telemetry.active.add(-1)
             attempt.end_ns = time_ns()
             timeout = None
             if attempt.loop is not None:
@@ -311,17 +313,26 @@ class SSLHooks:
             _failsafe.report("recording an abandoned handshake", exc)
 
     def drain_orphans(self) -> None:
-        """Emit the records of abandoned attempts."""
+        """Emit the records of abandoned attempts, a bounded batch at a time.
+
+        Runs from the event loop or a handshake's first call, never inside a finalizer:
+        taking locks (the active-handshake count, the SDK's) is safe here.
+        """
         orphans = self._orphans
-        while orphans:
+        for _ in range(_DRAIN_BATCH):
             try:
                 record = orphans.popleft()
             except IndexError:
                 return
             try:
+                if record.server_side:
+                    self._telemetry.active.add(-1)
                 self._telemetry.emit(record)
             except Exception as exc:
                 _failsafe.report("recording an abandoned handshake", exc)
+        loop = _get_running_loop()
+        if orphans and loop is not None:
+            loop.call_soon(self.drain_orphans)  # the rest later, between other callbacks
 
     # -- asyncio's SSLProtocol (Python 3.11+) --------------------------------------
 
@@ -380,6 +391,11 @@ class SSLHooks:
                 sslobj = getattr(protocol, "_sslobj", None)
                 if sslobj is not None:
                     _peer_rejection.connection_lost(sslobj)
+                    # The app protocol may have handed the transport on (a WebSocket
+                    # upgrade) and never hear of the loss: the entry goes here too.
+                    registered = sslobj.__dict__.pop(_CONNECTION, None)
+                    if registered is not None:
+                        REGISTRY.remove(*registered)
             except Exception as exc:
                 _failsafe.report("watching for a late rejection", exc)
 
@@ -389,6 +405,19 @@ class SSLHooks:
             lost_before_data(self)
 
         return connection_lost
+
+    def _protocol_start_shutdown(self, original: Method) -> Method:
+        def _start_shutdown(self: Any) -> None:
+            # This side closes: the connection's end is no rejection by the server.
+            try:
+                sslobj = getattr(self, "_sslobj", None)
+                if sslobj is not None:
+                    _peer_rejection.stop_watching(sslobj)
+            except Exception as exc:
+                _failsafe.report("watching for a late rejection", exc)
+            original(self)
+
+        return _start_shutdown
 
     def _end_pending(self, protocol: Any, exc: BaseException) -> None:
         try:
@@ -501,6 +530,7 @@ class SSLHooks:
                 connection.revocation = self._revocation.submit(record.peer_der, issuer)
             key = (local, peer)
             REGISTRY.add(key, connection)
+            sslobj.__dict__[_CONNECTION] = (key, connection)
             return key, connection
         except Exception as exc:
             _failsafe.report("registering a server connection", exc)
@@ -526,8 +556,8 @@ class SSLHooks:
 
 def _shadow_connection_methods(protocol: Any, register: Any) -> None:
     state = getattr(protocol, "__dict__", None)
-    if state is None:
-        return
+    if state is None or getattr(state.get("connection_made"), "otel_mtls", False):
+        return  # no instance attributes, or a factory handing out one protocol twice
     made, lost = protocol.connection_made, protocol.connection_lost
     entry: list[tuple[Any, Connection]] = []
 
@@ -543,8 +573,14 @@ def _shadow_connection_methods(protocol: Any, register: Any) -> None:
                 REGISTRY.remove(*entry.pop())
         except Exception as error:
             _failsafe.report("forgetting a server connection", error)
+        # Our closures hold bound methods of the protocol: a cycle, broken here.
+        if state.get("connection_made") is connection_made:
+            del state["connection_made"]
+        if state.get("connection_lost") is connection_lost:
+            del state["connection_lost"]
         lost(exc)
 
+    connection_made.otel_mtls = True  # type: ignore[attr-defined]
     state["connection_made"] = connection_made
     state["connection_lost"] = connection_lost
 

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from opentelemetry.instrumentation.mtls import _errors
+from opentelemetry.instrumentation.mtls import _errors, _failsafe
 from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, SSLEndpoint
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -58,19 +58,27 @@ class FirstDataWatch:
             except _AGAIN:
                 raise
             except BaseException as exc:
-                self.stop(endpoint)
-                error_type = _rejection_type(exc)
-                if error_type is not None:
-                    self._on_rejected(self._record, error_type, str(exc))
+                self._verdict(endpoint, exc)
                 raise
-            if name == _READ:
-                self.stop(endpoint)
-                if not result:
-                    self.closed()
+            if name == _READ and _asked_for_data(args, kwargs):
+                self._verdict(endpoint, None if result else _CLOSED)
             return result
 
         method.watch = self  # type: ignore[attr-defined]  # found again by connection_lost
         return method
+
+    def _verdict(self, endpoint: SSLEndpoint, exc: BaseException | None) -> None:
+        """End the watch; report a rejection if ``exc`` is one. Never raises into the host."""
+        try:
+            self.stop(endpoint)
+            if exc is _CLOSED:
+                self.closed()
+            elif exc is not None:
+                error_type = _rejection_type(exc)
+                if error_type is not None:
+                    self._on_rejected(self._record, error_type, str(exc))
+        except Exception as error:
+            _failsafe.report("recording a late rejection", error)
 
     def stop(self, endpoint: SSLEndpoint) -> None:
         """Put the class's methods back in charge of this connection."""
@@ -88,6 +96,15 @@ class FirstDataWatch:
         )
 
 
+_CLOSED: Final = ConnectionResetError("the server closed the connection before sending data")
+
+
+def _asked_for_data(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a read asked for at least one byte: ``recv(0)`` says nothing of the peer."""
+    length = args[0] if args else kwargs.get("len", 1)
+    return not isinstance(length, int) or length != 0
+
+
 def watch(endpoint: SSLEndpoint, record: HandshakeRecord, on_rejected: OnRejected) -> None:
     """Watch a TLS 1.3 client connection's first read (and write) for a rejection."""
     watcher = FirstDataWatch(endpoint, record, on_rejected)
@@ -96,6 +113,13 @@ def watch(endpoint: SSLEndpoint, record: HandshakeRecord, on_rejected: OnRejecte
     if isinstance(endpoint, ssl.SSLSocket):
         # SSLSocket.sendall calls self.send; SSLObject writes never meet the peer.
         state[_SEND] = watcher.send
+
+
+def stop_watching(endpoint: SSLEndpoint) -> None:
+    """Stop watching a connection that this side is closing: its end is no rejection."""
+    watcher = getattr(endpoint.__dict__.get(_READ), "watch", None)
+    if isinstance(watcher, FirstDataWatch):
+        watcher.stop(endpoint)
 
 
 def connection_lost(endpoint: SSLEndpoint) -> None:
