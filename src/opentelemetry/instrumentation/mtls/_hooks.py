@@ -163,6 +163,7 @@ class SSLHooks:
         replace(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
         replace(protocol, "_check_handshake_timeout", self._protocol_handshake_timeout)
         replace(protocol, "connection_lost", self._protocol_connection_lost)
+        replace(protocol, "eof_received", self._protocol_eof_received)
         replace(protocol, "_start_shutdown", self._protocol_start_shutdown)
 
     def _install_uvloop(self) -> None:
@@ -405,6 +406,20 @@ class SSLHooks:
             lost_before_data(self)
 
         return connection_lost
+
+    def _protocol_eof_received(self, original: Method) -> Method:
+        def eof_received(self: Any) -> Any:
+            # The peer closed first; before any data that is how a server that sends no
+            # alert rejects us. (Python 3.13 then shuts down from this side too.)
+            try:
+                sslobj = getattr(self, "_sslobj", None)
+                if sslobj is not None:
+                    _peer_rejection.connection_lost(sslobj)
+            except Exception as exc:
+                _failsafe.report("watching for a late rejection", exc)
+            return original(self)
+
+        return eof_received
 
     def _protocol_start_shutdown(self, original: Method) -> Method:
         def _start_shutdown(self: Any) -> None:
