@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import platform
 import ssl
 import statistics
 import sys
@@ -64,7 +63,6 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -77,15 +75,26 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import SpanContext, SpanKind
 
 from opentelemetry.instrumentation.mtls import MTLSMiddleware
-from opentelemetry.instrumentation.mtls import __version__ as mtls_version
 from opentelemetry.instrumentation.mtls._asgi import compose_server_request_hook
 from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, fill_success
 from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection, Key
 
 if TYPE_CHECKING:  # mypy, run from the repository's root, sees the directory as a package
-    from benchmarks.handshake_overhead import handshake, make_pki, median_ci, quartiles
+    from benchmarks.handshake_overhead import (
+        handshake,
+        make_pki,
+        median_ci,
+        quartiles,
+        versions,
+    )
 else:  # run as a script, the script's directory is on sys.path
-    from handshake_overhead import handshake, make_pki, median_ci, quartiles
+    from handshake_overhead import (
+        handshake,
+        make_pki,
+        median_ci,
+        quartiles,
+        versions,
+    )
 
 SERVER_ADDRESS: Final = ("127.0.0.1", 8443)
 CLIENT_ADDRESS: Final = ("127.0.0.1", 50000)
@@ -517,28 +526,6 @@ def print_costs(
     return checks
 
 
-def versions() -> str:
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    return "\n".join(
-        [
-            f"Python {platform.python_version()} ({platform.python_implementation()}, "
-            f"{platform.machine()}), {ssl.OPENSSL_VERSION}",
-            f"opentelemetry-instrumentation-mtls {mtls_version}; "
-            f"opentelemetry-api {version('opentelemetry-api')}, "
-            f"opentelemetry-sdk {version('opentelemetry-sdk')}, "
-            f"opentelemetry-instrumentation {version('opentelemetry-instrumentation')}, "
-            f"opentelemetry-instrumentation-asgi "
-            f"{version('opentelemetry-instrumentation-asgi')}, "
-            f"asgiref {version('asgiref')}, cryptography {version('cryptography')}",
-        ]
-    )
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -570,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: int = args.blocks
     block_count = 1 + rounds * 2 * len(OTHERS)
     block_seconds = args.seconds / block_count
-    print(versions())
+    print(versions(("opentelemetry-instrumentation-asgi", "asgiref")))
     print(
         f"{rounds} rounds x {2 * len(OTHERS)} blocks (+1) of {block_seconds * 1e3:.1f} ms; "
         "time = process CPU time per request, ASGI apps called directly on one asyncio loop"

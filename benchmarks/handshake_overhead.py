@@ -648,23 +648,28 @@ def describe(pki: Pki) -> str:
     )
 
 
-def versions() -> str:
+def versions(distributions: Sequence[str] = ("trustme",)) -> str:
+    """The platform and the versions of what is measured, for the report's head."""
+
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             return "-"
 
+    measured = (
+        "opentelemetry-api",
+        "opentelemetry-sdk",
+        "opentelemetry-instrumentation",
+        *distributions,
+        "cryptography",
+    )
     return "\n".join(
         [
             f"Python {platform.python_version()} ({platform.python_implementation()}, "
             f"{platform.machine()}), {ssl.OPENSSL_VERSION}",
             f"opentelemetry-instrumentation-mtls {mtls_version}; "
-            f"opentelemetry-api {version('opentelemetry-api')}, "
-            f"opentelemetry-sdk {version('opentelemetry-sdk')}, "
-            f"opentelemetry-instrumentation {version('opentelemetry-instrumentation')}, "
-            f"wrapt {version('wrapt')}, cryptography {version('cryptography')}, "
-            f"trustme {version('trustme')}",
+            + ", ".join(f"{dist} {version(dist)}" for dist in measured),
         ]
     )
 

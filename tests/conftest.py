@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import ssl
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -93,6 +95,24 @@ def instrumented(tracer_provider: TracerProvider) -> Iterator[MTLSInstrumentor]:
         yield instrumentor
     finally:
         instrumentor.uninstrument()
+
+
+@contextmanager
+def kept_records(logger_name: str, level: int = logging.DEBUG) -> Iterator[list[logging.LogRecord]]:
+    """Keep what a logger emits at ``level`` and above, for as long as the block runs."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(level)
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def handshake_spans(exporter: InMemorySpanExporter, side: str) -> list[ReadableSpan]:

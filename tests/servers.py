@@ -7,6 +7,7 @@ a socket already bound to an ephemeral port, so tests never race for ports.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import threading
@@ -16,9 +17,20 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from conftest import PKI
+from opentelemetry.instrumentation.mtls import client_identity
 from opentelemetry.instrumentation.mtls._demo import uvicorn_thread
 
 START_TIMEOUT = 10.0
+
+
+async def identity_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answer with the subject of the request's client certificate."""
+    identity = client_identity(scope)
+    body = json.dumps({"subject": identity.subject if identity else None}).encode()
+    await receive()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _listen() -> tuple[socket.socket, int]:

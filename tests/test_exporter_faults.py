@@ -11,7 +11,6 @@ may raise into the application, and the processor's queue must stay within its b
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import threading
@@ -30,10 +29,10 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from conftest import PKI
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
+from conftest import PKI, kept_records
+from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
 from pki import Leaf
-from servers import uvicorn_server
+from servers import identity_app, uvicorn_server
 from tlsrun import Outcome, blocking
 
 MAX_QUEUE = 32
@@ -137,28 +136,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 @pytest.fixture
 def export_failures() -> Iterator[list[logging.LogRecord]]:
     """What the OTLP exporter logged: its failures go there, not to the application."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep(logging.WARNING)
-    logger = logging.getLogger("opentelemetry.exporter.otlp")
-    logger.addHandler(handler)
-    try:
+    with kept_records("opentelemetry.exporter.otlp", logging.WARNING) as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
-
-
-async def identity_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    identity = client_identity(scope)
-    body = json.dumps({"subject": identity.subject if identity else None}).encode()
-    await receive()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def handshakes(reader: InMemoryMetricReader) -> int:

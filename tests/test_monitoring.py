@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import PKI, handshake_spans
+from conftest import PKI, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
 from pki import Leaf
@@ -55,21 +55,13 @@ def monitored(
 
 
 @pytest.fixture
-def audit(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep(logging.DEBUG)
+def audit() -> Iterator[list[logging.LogRecord]]:
     logger = logging.getLogger(AUDIT_LOGGER_NAME)
-    logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:
-        yield records
+        with kept_records(AUDIT_LOGGER_NAME) as records:
+            yield records
     finally:
-        logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
 
 

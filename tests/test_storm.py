@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import socket
@@ -33,8 +32,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import PKI, handshake_spans
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
+from conftest import PKI, handshake_spans, kept_records
+from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
 from opentelemetry.instrumentation.mtls._audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
@@ -43,7 +42,7 @@ from opentelemetry.instrumentation.mtls._audit import (
 from opentelemetry.instrumentation.mtls._certificate import CACHE_SIZE, parse_certificate
 from opentelemetry.instrumentation.mtls._registry import REGISTRY
 from pki import Leaf
-from servers import uvicorn_server
+from servers import identity_app, uvicorn_server
 
 # Each kind of failing client, and the error.type its handshake must be counted as.
 KINDS = {
@@ -97,34 +96,12 @@ def monitored(
 
 @pytest.fixture
 def failure_records() -> Iterator[list[logging.LogRecord]]:
-    """The audit log's ``tls.handshake.failed`` records."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if getattr(record, "event.name", None) == HANDSHAKE_FAILED:
-                records.append(record)
-
-    handler = Keep(logging.DEBUG)
-    logger = logging.getLogger(AUDIT_LOGGER_NAME)
-    logger.addHandler(handler)
-    try:
+    """The audit log's records (the storm checks its ``tls.handshake.failed`` ones)."""
+    with kept_records(AUDIT_LOGGER_NAME) as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 # -- servers ----------------------------------------------------------------------------
-
-
-async def identity_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Answer with the subject of the request's client certificate."""
-    identity = client_identity(scope)
-    body = json.dumps({"subject": identity.subject if identity else None}).encode()
-    await receive()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 @contextlib.contextmanager
@@ -386,7 +363,8 @@ def test_storm_is_counted_exactly_while_good_clients_keep_their_identity(
     assert active_handshakes(reader) == [0]
 
     check_requests(exporter, answers, handshakes)
-    check_audit_log(failure_records, sent)
+    failed = [r for r in failure_records if getattr(r, "event.name", None) == HANDSHAKE_FAILED]
+    check_audit_log(failed, sent)
 
     # The registries: drained once the clients are gone and the server stopped, or bounded.
     hooks = MTLSInstrumentor._hooks
