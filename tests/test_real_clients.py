@@ -47,6 +47,10 @@ def s_client(port: int, pki: PKI, *, with_certificate: bool) -> subprocess.Compl
     ]  # fmt: skip
     if with_certificate:
         command += ["-cert", pki.client.cert_path, "-key", pki.client.key_path]
+    else:
+        # TLS 1.2: the server's refusal ends s_client's handshake. Under TLS 1.3 it
+        # arrives after s_client's handshake, which may exit 0 before reading it.
+        command += ["-tls1_2"]
     return subprocess.run(
         command, input="", capture_output=True, text=True, timeout=30, check=False
     )
