@@ -75,9 +75,9 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import SpanContext, SpanKind
 
 from opentelemetry.instrumentation.mtls import MTLSMiddleware
-from opentelemetry.instrumentation.mtls._asgi import compose_server_request_hook
-from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, fill_success
-from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection, Key
+from opentelemetry.instrumentation.mtls._requests.asgi import compose_server_request_hook
+from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY, Connection, Key
+from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, fill_success
 
 if TYPE_CHECKING:  # mypy, run from the repository's root, sees the directory as a package
     from benchmarks.handshake_overhead import (

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
-from opentelemetry.instrumentation.mtls._demo import uvicorn_thread
+from opentelemetry.instrumentation.mtls._cli.demo import uvicorn_thread
 
 _REGISTRY = "connection registry (len(REGISTRY))"
 

@@ -67,15 +67,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.trace import SpanKind
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
-from opentelemetry.instrumentation.mtls._audit import (
+from opentelemetry.instrumentation.mtls._cli.demo import uvicorn_thread
+from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
+from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY
+from opentelemetry.instrumentation.mtls._signals.audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
     RateLimiter,
 )
-from opentelemetry.instrumentation.mtls._certificate import CACHE_SIZE, parse_certificate
-from opentelemetry.instrumentation.mtls._demo import uvicorn_thread
-from opentelemetry.instrumentation.mtls._pki import Authority, Leaf
-from opentelemetry.instrumentation.mtls._registry import REGISTRY
+from opentelemetry.instrumentation.mtls._x509 import CACHE_SIZE, parse_certificate
 
 KINDS: Final[dict[str, str]] = {
     "untrusted": "certificate_authority_invalid",

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from opentelemetry.instrumentation.mtls._pki import Authority, Leaf
+from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
 
 UTC = datetime.timezone.utc
 TRUST_DOMAIN = "spiffe://demo.test/ns/shop/sa"

@@ -1,5 +1,5 @@
 """The tests' PKI is the package's own throwaway PKI (``_pki``), re-exported here."""
 
-from opentelemetry.instrumentation.mtls._pki import Authority, Leaf, write
+from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf, write
 
 __all__ = ["Authority", "Leaf", "write"]

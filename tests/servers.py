@@ -18,7 +18,7 @@ from typing import Any
 
 from conftest import PKI
 from opentelemetry.instrumentation.mtls import client_identity
-from opentelemetry.instrumentation.mtls._demo import uvicorn_thread
+from opentelemetry.instrumentation.mtls._cli.demo import uvicorn_thread
 
 START_TIMEOUT = 10.0
 

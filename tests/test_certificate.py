@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from opentelemetry.instrumentation.mtls._certificate import (
+from opentelemetry.instrumentation.mtls._x509 import (
     CACHE_SIZE,
     CertificateInfo,
     _iso8601,

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from opentelemetry.instrumentation.mtls import _errors
-from opentelemetry.instrumentation.mtls._telemetry import CLIENT_SPAN_NAME, SERVER_SPAN_NAME
+from opentelemetry.instrumentation.mtls._signals.handshake import CLIENT_SPAN_NAME, SERVER_SPAN_NAME
+from opentelemetry.instrumentation.mtls._ssl import errors as _errors
 
 CONFIG = Path(__file__).resolve().parent.parent / "otel-collector-config.yaml"
 KINDS = ("receivers", "processors", "exporters", "connectors")

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import PKI
 from opentelemetry.instrumentation.mtls import _failsafe
-from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
-from opentelemetry.instrumentation.mtls._registry import REGISTRY
+from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY
+from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from tlsrun import TIMEOUT
 
 pytestmark = pytest.mark.usefixtures("instrumented")

@@ -10,7 +10,7 @@ import ssl
 
 import pytest
 
-from opentelemetry.instrumentation.mtls import _errors
+from opentelemetry.instrumentation.mtls._ssl import errors as _errors
 
 CONTRACT = {
     "certificate_required",

@@ -20,7 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import opentelemetry.instrumentation.mtls as package
 from conftest import PKI, handshake_spans
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor, _failsafe, _handshake
+from opentelemetry.instrumentation.mtls import MTLSInstrumentor, _failsafe
+from opentelemetry.instrumentation.mtls._ssl import record as _handshake
 from tlsrun import blocking, on_loop
 
 PATCHED: list[tuple[type, str]] = [

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import PKI
-from opentelemetry.instrumentation.mtls._certificate import CertificateInfo, parse_certificate
+from opentelemetry.instrumentation.mtls._x509 import CertificateInfo, parse_certificate
 
 VECTORS = Path(cryptography_vectors.__file__).parent / "x509"
 # DER files among the vectors: certificates (.der, PKITS's .crt), CRLs, certificate

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import PKI, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
-from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
+from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from pki import Leaf
 from tlsrun import TIMEOUT, blocking, run_loop
 
@@ -343,8 +343,8 @@ def test_rate_limits_are_kept_per_kind_of_record(audit: list[logging.LogRecord])
     from opentelemetry import metrics, trace
 
     from opentelemetry.instrumentation.mtls._config import MTLSConfig
-    from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, fill_failure
-    from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
+    from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
+    from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, fill_failure
 
     telemetry = HandshakeTelemetry(
         trace.NoOpTracer(), metrics.NoOpMeter("test"), MTLSConfig(log_rate_limit=1)

@@ -8,9 +8,8 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from opentelemetry.instrumentation.mtls._certificate import CertificateInfo, parse_certificate
-from opentelemetry.instrumentation.mtls._pki import Authority
-from opentelemetry.instrumentation.mtls._policy import (
+from opentelemetry.instrumentation.mtls._cli.pki import Authority
+from opentelemetry.instrumentation.mtls._requests.rules import (
     RULE_ISSUER,
     RULE_NO_CERTIFICATE,
     RULE_NO_POLICY,
@@ -20,6 +19,7 @@ from opentelemetry.instrumentation.mtls._policy import (
     IdentityRules,
     decide,
 )
+from opentelemetry.instrumentation.mtls._x509 import CertificateInfo, parse_certificate
 
 SPIFFE_ID = "spiffe://example.org/ns/a/sa/web"
 DNS_NAME = "web.internal.example.org"

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from conftest import PKI, handshake_spans
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
-from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
+from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from tlsrun import blocking
 
 # What must not appear anywhere in hashed or omit mode: the client's names.

@@ -24,7 +24,7 @@ from opentelemetry.trace import SpanKind
 
 from conftest import PKI
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
-from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
+from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from pki import Leaf
 from servers import uvicorn_server
 

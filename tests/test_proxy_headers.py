@@ -12,9 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opentelemetry.instrumentation.mtls._certificate import der_to_pem, parse_certificate
-from opentelemetry.instrumentation.mtls._pki import Authority
-from opentelemetry.instrumentation.mtls._proxy_headers import (
+from opentelemetry.instrumentation.mtls._cli.pki import Authority
+from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
     MAX_HEADER_SIZE,
     ProxiedIdentity,
     parse_nginx,
@@ -22,6 +21,7 @@ from opentelemetry.instrumentation.mtls._proxy_headers import (
     parse_traefik,
     parse_xfcc,
 )
+from opentelemetry.instrumentation.mtls._x509 import der_to_pem, parse_certificate
 
 SPIFFE_ID = "spiffe://example.org/ns/a/sa/web"
 CA = Authority("Test CA")

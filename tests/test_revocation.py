@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from opentelemetry.instrumentation.mtls._revocation import (
+from opentelemetry.instrumentation.mtls._requests.revocation import (
     CRL,
     GOOD,
     MAX_DOWNLOAD_BYTES,

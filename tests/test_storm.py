@@ -34,13 +34,13 @@ from opentelemetry.trace import SpanKind
 
 from conftest import PKI, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
-from opentelemetry.instrumentation.mtls._audit import (
+from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY
+from opentelemetry.instrumentation.mtls._signals.audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
     RateLimiter,
 )
-from opentelemetry.instrumentation.mtls._certificate import CACHE_SIZE, parse_certificate
-from opentelemetry.instrumentation.mtls._registry import REGISTRY
+from opentelemetry.instrumentation.mtls._x509 import CACHE_SIZE, parse_certificate
 from pki import Leaf
 from servers import identity_app, uvicorn_server
 

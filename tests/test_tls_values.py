@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import trustme
 
-from opentelemetry.instrumentation.mtls import _tls_values
-from opentelemetry.instrumentation.mtls._tls_values import (
+from opentelemetry.instrumentation.mtls._ssl import values as _tls_values
+from opentelemetry.instrumentation.mtls._ssl.values import (
     iana_cipher_code,
     iana_cipher_name,
     protocol_name,

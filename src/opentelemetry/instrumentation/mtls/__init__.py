@@ -36,10 +36,14 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
-from opentelemetry.instrumentation.mtls._asgi import ClientIdentity, MTLSMiddleware, client_identity
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
-from opentelemetry.instrumentation.mtls._hooks import SSLHooks
-from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
+from opentelemetry.instrumentation.mtls._requests.asgi import (
+    ClientIdentity,
+    MTLSMiddleware,
+    client_identity,
+)
+from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
+from opentelemetry.instrumentation.mtls._ssl.hooks import SSLHooks
 from opentelemetry.instrumentation.mtls.package import _instruments
 from opentelemetry.instrumentation.mtls.version import __version__
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
-from opentelemetry.instrumentation.mtls._identity import HASHED, OMIT, IdentityPolicy
-from opentelemetry.instrumentation.mtls._policy import IdentityRules
-from opentelemetry.instrumentation.mtls._revocation import RevocationChecker
+from opentelemetry.instrumentation.mtls._redaction import HASHED, OMIT, IdentityPolicy
+from opentelemetry.instrumentation.mtls._requests.revocation import RevocationChecker
+from opentelemetry.instrumentation.mtls._requests.rules import IdentityRules
 
 _logger = logging.getLogger("opentelemetry.instrumentation.mtls")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
-from opentelemetry.instrumentation.mtls._pki import Leaf
-from opentelemetry.instrumentation.mtls._telemetry import SERVER_SPAN_NAME
+from opentelemetry.instrumentation.mtls._cli.pki import Leaf
+from opentelemetry.instrumentation.mtls._signals.handshake import SERVER_SPAN_NAME
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -42,7 +42,7 @@ def _require_sdk() -> None:
 def demo(args: argparse.Namespace) -> int:
     """Run two mTLS services and five clients on loopback; print what was captured."""
     _require_sdk()
-    from opentelemetry.instrumentation.mtls import _demo  # noqa: PLC0415
+    from opentelemetry.instrumentation.mtls._cli import demo as _demo  # noqa: PLC0415
 
     print("otel-mtls demo: a frontend and a backend with mTLS on 127.0.0.1, five clients\n")
     results, captured, _ = _demo.run(args.otlp_endpoint)
@@ -55,7 +55,7 @@ def demo(args: argparse.Namespace) -> int:
 
 def write_pki(args: argparse.Namespace) -> int:
     """Write the demo PKI as PEM files into a directory, for the examples."""
-    from opentelemetry.instrumentation.mtls import _demo  # noqa: PLC0415
+    from opentelemetry.instrumentation.mtls._cli import demo as _demo  # noqa: PLC0415
 
     pki = _demo.make_pki()
     target = Path(args.directory)

@@ -34,24 +34,26 @@ from typing import Any, Final
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
-from opentelemetry.instrumentation.mtls import _asgi, _failsafe, _peer_rejection
-from opentelemetry.instrumentation.mtls._asgi import install_asgi_hook
-from opentelemetry.instrumentation.mtls._certificate import (
-    der_to_pem,
-    first_pem_certificate,
-    parse_certificate,
-)
+from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._config import MTLSConfig
-from opentelemetry.instrumentation.mtls._handshake import (
+from opentelemetry.instrumentation.mtls._patch import Method, Patches
+from opentelemetry.instrumentation.mtls._requests import asgi as _asgi
+from opentelemetry.instrumentation.mtls._requests.asgi import install_asgi_hook
+from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY, Connection
+from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
+from opentelemetry.instrumentation.mtls._ssl import peer_rejection as _peer_rejection
+from opentelemetry.instrumentation.mtls._ssl.record import (
     Address,
     HandshakeRecord,
     SSLEndpoint,
     fill_failure,
     fill_success,
 )
-from opentelemetry.instrumentation.mtls._patch import Method, Patches
-from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection
-from opentelemetry.instrumentation.mtls._telemetry import HandshakeTelemetry
+from opentelemetry.instrumentation.mtls._x509 import (
+    der_to_pem,
+    first_pem_certificate,
+    parse_certificate,
+)
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _PENDING: Final = "_otel_mtls_attempt"

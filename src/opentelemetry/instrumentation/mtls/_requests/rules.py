@@ -2,7 +2,7 @@ r"""Decide whether a client identity is expected at this service, from its parse
 
 A service states which clients it expects with :class:`IdentityRules`: issuing CAs, SPIFFE
 trust domains and subjectAltName patterns.  :func:`decide` checks a client's
-:class:`~opentelemetry.instrumentation.mtls._certificate.CertificateInfo` (and, when known,
+:class:`~opentelemetry.instrumentation.mtls._x509.CertificateInfo` (and, when known,
 the SHA-256 of the CA certificate that issued it) against them and returns a
 :class:`Decision` that says which rule decided and why, in one line fit for logs.  The module
 imports nothing from OpenTelemetry: it only compares strings.
@@ -53,7 +53,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry.instrumentation.mtls._certificate import CertificateInfo
+from opentelemetry.instrumentation.mtls._x509 import CertificateInfo
 
 __all__ = [
     "RULE_ISSUER",

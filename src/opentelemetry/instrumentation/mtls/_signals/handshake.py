@@ -33,18 +33,18 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
-from opentelemetry.instrumentation.mtls import _audit
 from opentelemetry.instrumentation.mtls import attributes as names
-from opentelemetry.instrumentation.mtls._certificate import (
+from opentelemetry.instrumentation.mtls._config import MTLSConfig
+from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
+from opentelemetry.instrumentation.mtls._signals import audit as _audit
+from opentelemetry.instrumentation.mtls._signals.expiry import CertificateExpiry
+from opentelemetry.instrumentation.mtls._signals.metrics import Instruments
+from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord
+from opentelemetry.instrumentation.mtls._x509 import (
     CertificateInfo,
     der_to_pem,
     parse_certificate,
 )
-from opentelemetry.instrumentation.mtls._config import MTLSConfig
-from opentelemetry.instrumentation.mtls._expiry import CertificateExpiry
-from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord
-from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
-from opentelemetry.instrumentation.mtls._instruments import Instruments
 
 SERVER_SPAN_NAME: Final = "TLS server handshake"
 CLIENT_SPAN_NAME: Final = "TLS client handshake"

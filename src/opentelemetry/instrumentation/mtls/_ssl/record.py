@@ -16,9 +16,9 @@ from typing import Any, Final
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
-from opentelemetry.instrumentation.mtls import _errors
-from opentelemetry.instrumentation.mtls._certificate import CertificateInfo, parse_certificate
-from opentelemetry.instrumentation.mtls._tls_values import IANA_CIPHER_NAMES, PROTOCOL_VERSIONS
+from opentelemetry.instrumentation.mtls._ssl import errors as _errors
+from opentelemetry.instrumentation.mtls._ssl.values import IANA_CIPHER_NAMES, PROTOCOL_VERSIONS
+from opentelemetry.instrumentation.mtls._x509 import CertificateInfo, parse_certificate
 from opentelemetry.instrumentation.mtls.attributes import (
     VERIFY_RESULT_FAILED,
     VERIFY_RESULT_NONE,

@@ -17,8 +17,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from opentelemetry.instrumentation.mtls import _errors, _failsafe
-from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, SSLEndpoint
+from opentelemetry.instrumentation.mtls import _failsafe
+from opentelemetry.instrumentation.mtls._ssl import errors as _errors
+from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, SSLEndpoint
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _READ: Final = "read"

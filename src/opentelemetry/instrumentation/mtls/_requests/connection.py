@@ -17,9 +17,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from opentelemetry.instrumentation.mtls._handshake import Address, HandshakeRecord, SSLEndpoint
-from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
-from opentelemetry.instrumentation.mtls._revocation import RevocationResult
+from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
+from opentelemetry.instrumentation.mtls._requests.revocation import RevocationResult
+from opentelemetry.instrumentation.mtls._ssl.record import Address, HandshakeRecord, SSLEndpoint
 
 MAX_CONNECTIONS: Final = 65536
 

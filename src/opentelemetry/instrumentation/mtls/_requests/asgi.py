@@ -30,34 +30,35 @@ from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
 from opentelemetry.semconv.attributes import client_attributes
 from opentelemetry.trace import Span
 
-from opentelemetry.instrumentation.mtls import _audit, _failsafe
-from opentelemetry.instrumentation.mtls._audit import RateLimiter
-from opentelemetry.instrumentation.mtls._certificate import (
-    CertificateInfo,
-    der_to_pem,
-    first_pem_certificate,
-    parse_certificate,
-)
+from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._config import IPNetwork
-from opentelemetry.instrumentation.mtls._handshake import HandshakeRecord, peer_chain
-from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, IdentityPolicy
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
-from opentelemetry.instrumentation.mtls._policy import Decision, IdentityRules, decide
-from opentelemetry.instrumentation.mtls._proxy_headers import (
+from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
+from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY, Connection
+from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
     ProxiedIdentity,
     parse_nginx,
     parse_rfc9440,
     parse_traefik,
     parse_xfcc,
 )
-from opentelemetry.instrumentation.mtls._registry import REGISTRY, Connection
-from opentelemetry.instrumentation.mtls._revocation import REVOKED
-from opentelemetry.instrumentation.mtls._telemetry import (
+from opentelemetry.instrumentation.mtls._requests.revocation import REVOKED
+from opentelemetry.instrumentation.mtls._requests.rules import Decision, IdentityRules, decide
+from opentelemetry.instrumentation.mtls._signals import audit as _audit
+from opentelemetry.instrumentation.mtls._signals.audit import RateLimiter
+from opentelemetry.instrumentation.mtls._signals.handshake import (
     Attributes,
     info_attributes,
     record_certificate_attributes,
 )
-from opentelemetry.instrumentation.mtls._tls_values import iana_cipher_code, version_code
+from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, peer_chain
+from opentelemetry.instrumentation.mtls._ssl.values import iana_cipher_code, version_code
+from opentelemetry.instrumentation.mtls._x509 import (
+    CertificateInfo,
+    der_to_pem,
+    first_pem_certificate,
+    parse_certificate,
+)
 from opentelemetry.instrumentation.mtls.attributes import (
     TLS_CLIENT_IDENTITY_DECISION,
     TLS_CLIENT_IDENTITY_RULE,

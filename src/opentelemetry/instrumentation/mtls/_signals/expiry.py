@@ -20,9 +20,9 @@ from collections.abc import Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from opentelemetry.instrumentation.mtls import _audit
-from opentelemetry.instrumentation.mtls._certificate import CertificateInfo
-from opentelemetry.instrumentation.mtls._identity import DEFAULT_POLICY, OMIT, IdentityPolicy
+from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, OMIT, IdentityPolicy
+from opentelemetry.instrumentation.mtls._signals import audit as _audit
+from opentelemetry.instrumentation.mtls._x509 import CertificateInfo
 from opentelemetry.instrumentation.mtls.attributes import (
     CERTIFICATE_ROLE_LOCAL,
     CERTIFICATE_ROLE_PEER,

@@ -15,7 +15,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry.instrumentation.mtls._certificate import CertificateInfo
+from opentelemetry.instrumentation.mtls._x509 import CertificateInfo
 
 PLAIN: Final = "plain"
 HASHED: Final = "hashed"

@@ -13,7 +13,7 @@ from typing import Final
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from opentelemetry.instrumentation.mtls._expiry import CertificateExpiry
+from opentelemetry.instrumentation.mtls._signals.expiry import CertificateExpiry
 
 SERVER_HANDSHAKE_DURATION: Final = "tls.server.handshake.duration"
 CLIENT_HANDSHAKE_DURATION: Final = "tls.client.handshake.duration"

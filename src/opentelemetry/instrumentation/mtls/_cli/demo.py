@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, client_identity
-from opentelemetry.instrumentation.mtls._audit import AUDIT_LOGGER_NAME
-from opentelemetry.instrumentation.mtls._pki import Authority, Leaf
-from opentelemetry.instrumentation.mtls._telemetry import SERVER_SPAN_NAME
+from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
+from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
+from opentelemetry.instrumentation.mtls._signals.handshake import SERVER_SPAN_NAME
 
 _UTC = datetime.timezone.utc
 _TIMEOUT = 10.0

@@ -1,0 +1,1 @@
+"""``otel-mtls``: the command-line tools (``demo``, ``inspect``, ``pki``); see :mod:`.main`."""

@@ -1,0 +1,1 @@
+"""The last stage: a request finds its connection, and its server span gets the identity."""
