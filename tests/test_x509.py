@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import ipaddress
@@ -15,13 +16,24 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from opentelemetry.instrumentation.mtls._x509 import (
     CACHE_SIZE,
+    FORWARDED_CACHE_SIZE,
+    MAX_ALTERNATIVE_NAMES,
+    TRUNCATED_NAMES,
+    CertificateEncodingError,
     CertificateInfo,
     _iso8601,
+    bounded_names,
+    decode_base64,
     der_to_pem,
+    first_pem_certificate,
+    first_spiffe_id,
     parse_certificate,
+    parse_forwarded_certificate,
+    pem_certificates,
+    sha256_hex,
 )
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 NOT_BEFORE = datetime.datetime(2026, 1, 1, tzinfo=UTC)
 NOT_AFTER = datetime.datetime(2027, 6, 15, 12, 34, 56, tzinfo=UTC)
 SERIAL = 0x0123456789ABCDEF0123
@@ -75,8 +87,10 @@ def _sha256(der: bytes) -> str:
 @pytest.fixture(autouse=True)
 def _empty_cache() -> Iterator[None]:
     parse_certificate.cache_clear()
+    parse_forwarded_certificate.cache_clear()
     yield
     parse_certificate.cache_clear()
+    parse_forwarded_certificate.cache_clear()
 
 
 def test_leaf_every_field() -> None:
@@ -348,3 +362,165 @@ def test_der_to_pem_round_trip() -> None:
     assert ssl.PEM_cert_to_DER_cert(pem) == der
     loaded = x509.load_pem_x509_certificate(pem.encode())
     assert loaded.public_bytes(serialization.Encoding.DER) == der
+
+
+# --- many SANs -----------------------------------------------------------------------------
+
+
+def _dns_names(count: int) -> list[x509.GeneralName]:
+    return [x509.DNSName(f"host-{index}.example.org") for index in range(count)]
+
+
+def test_at_most_max_alternative_names_are_kept_then_a_count() -> None:
+    der = _build(_name((NameOID.COMMON_NAME, "many")), _dns_names(100))
+
+    info = parse_certificate(der)
+
+    assert MAX_ALTERNATIVE_NAMES == 64
+    assert info.alternative_names == (
+        *(f"DNS:host-{index}.example.org" for index in range(64)),
+        f"{TRUNCATED_NAMES}36 more",
+    )
+    assert info.parse_error is None
+
+
+def test_exactly_max_alternative_names_are_all_kept() -> None:
+    der = _build(_name((NameOID.COMMON_NAME, "full")), _dns_names(MAX_ALTERNATIVE_NAMES))
+
+    names = parse_certificate(der).alternative_names
+
+    assert len(names) == MAX_ALTERNATIVE_NAMES
+    assert not any(name.startswith(TRUNCATED_NAMES) for name in names)
+
+
+def test_spiffe_id_past_the_cap_is_still_found_and_kept() -> None:
+    sans = [*_dns_names(80), x509.UniformResourceIdentifier(SPIFFE_ID), *_dns_names(5)]
+    der = _build(_name((NameOID.COMMON_NAME, "late-spiffe")), sans)
+
+    info = parse_certificate(der)
+
+    assert info.spiffe_id == SPIFFE_ID
+    assert info.alternative_names[-2:] == (f"URI:{SPIFFE_ID}", f"{TRUNCATED_NAMES}21 more")
+
+
+def test_bounded_names_keeps_spiffe_ids_past_the_cap_until_two() -> None:
+    # A rule refusing "more than one SPIFFE ID" must see the second wherever it is.
+    names = [f"DNS:{index}.example.org" for index in range(70)]
+    spiffe = [f"URI:spiffe://example.org/{index}" for index in range(3)]
+
+    kept = bounded_names([spiffe[0], *names, spiffe[1], spiffe[2]])
+
+    assert kept[0] == spiffe[0]
+    # 1 + 63 names fill the cap; the second SPIFFE ID is kept; 7 names and the third are not.
+    assert kept[-2:] == (spiffe[1], f"{TRUNCATED_NAMES}8 more")
+    assert sum(name.startswith("URI:spiffe://") for name in kept) == 2
+    assert len(kept) == MAX_ALTERNATIVE_NAMES + 2
+
+
+def test_bounded_names_leaves_short_lists_alone() -> None:
+    names = ("DNS:a.example", "URI:spiffe://example.org/a")
+
+    assert bounded_names(names) == names
+    assert bounded_names([]) == ()
+    assert first_spiffe_id(names) == "spiffe://example.org/a"
+    assert first_spiffe_id(["URI:https://example.org/spiffe://x"]) is None
+
+
+# --- forwarded certificates ----------------------------------------------------------------
+
+
+def test_forwarded_certificates_have_their_own_cache() -> None:
+    der = _build(
+        _name((NameOID.COMMON_NAME, "forwarded")), [x509.UniformResourceIdentifier(SPIFFE_ID)]
+    )
+
+    forwarded = parse_forwarded_certificate(der)
+
+    assert forwarded == parse_certificate(der)
+    assert forwarded.spiffe_id == SPIFFE_ID
+    assert parse_forwarded_certificate(der) is forwarded
+    assert parse_certificate.cache_info().currsize == 1  # only the explicit call above
+
+
+def test_forwarded_cache_is_bounded_and_leaves_the_handshake_cache_alone() -> None:
+    assert parse_forwarded_certificate.cache_info().maxsize == FORWARDED_CACHE_SIZE < CACHE_SIZE
+    der = _build(_name((NameOID.COMMON_NAME, "handshake")))
+    handshake = parse_certificate(der)
+
+    for index in range(FORWARDED_CACHE_SIZE + 10):
+        parse_forwarded_certificate(index.to_bytes(4, "big"))
+
+    assert parse_forwarded_certificate.cache_info().currsize == FORWARDED_CACHE_SIZE
+    assert parse_certificate.cache_info().currsize == 1
+    assert parse_certificate(der) is handshake  # still cached: not evicted by the others
+
+
+# --- PEM, base64, fingerprints -------------------------------------------------------------
+
+_LEAF = _build(_name((NameOID.COMMON_NAME, "pem-leaf")))
+_SECOND = _build(_name((NameOID.COMMON_NAME, "pem-second")))
+_KEY_PEM = _KEY.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+)
+
+
+def test_sha256_hex_is_uppercase_and_matches_certificate_info() -> None:
+    assert sha256_hex(_LEAF) == hashlib.sha256(_LEAF).hexdigest().upper()
+    assert sha256_hex(_LEAF) == parse_certificate(_LEAF).sha256
+
+
+def test_pem_certificates_reads_a_chain_with_text_around_it() -> None:
+    pem = ("subject=CN=pem-leaf\n" + der_to_pem(_LEAF) + "junk\n" + der_to_pem(_SECOND)).encode()
+
+    assert pem_certificates(pem) == [_LEAF, _SECOND]
+    assert first_pem_certificate(pem) == _LEAF
+
+
+def test_pem_certificates_ignores_whitespace_anywhere_in_a_block() -> None:
+    # nginx's $ssl_client_cert puts a tab after every newline; h11 may fold those to spaces.
+    tabbed = der_to_pem(_LEAF).rstrip("\n").replace("\n", "\n\t")
+    folded = tabbed.replace("\n\t", " ")
+
+    assert pem_certificates(tabbed.encode()) == [_LEAF]
+    assert pem_certificates(folded.encode()) == [_LEAF]
+
+
+@pytest.mark.parametrize(
+    ("pem", "reason"),
+    [
+        (b"", "no certificate"),
+        (b"hello world", "no certificate"),
+        (_KEY_PEM, "not a certificate"),
+        (der_to_pem(_LEAF).encode()[:-30], "malformed pem"),
+        (b"-----BEGIN CERTIFICATE-----\n@@@@\n-----END CERTIFICATE-----", "bad base64"),
+        (b"-----BEGIN CERTIFICATE----------END CERTIFICATE-----", "bad base64"),
+    ],
+)
+def test_pem_certificates_says_why_it_read_nothing(pem: bytes, reason: str) -> None:
+    with pytest.raises(CertificateEncodingError) as raised:
+        pem_certificates(pem)
+    assert str(raised.value) == reason
+    assert first_pem_certificate(pem) is None
+
+
+def test_first_pem_certificate_does_not_read_past_the_first_block() -> None:
+    pem = der_to_pem(_LEAF).encode() + b"-----BEGIN CERTIFICATE-----\n!!!!\n"
+
+    assert first_pem_certificate(pem) == _LEAF
+    with pytest.raises(CertificateEncodingError) as raised:
+        pem_certificates(pem)
+    assert str(raised.value) == "malformed pem"
+
+
+def test_decode_base64_tolerates_whitespace_and_missing_padding() -> None:
+    encoded = base64.b64encode(_LEAF)
+
+    assert decode_base64(encoded) == _LEAF
+    assert decode_base64(b" \t" + encoded.rstrip(b"=") + b"\r\n") == _LEAF
+
+
+@pytest.mark.parametrize("data", [b"", b"  ", b"AAAAA", b"A=AA", b"not base64!", b"QUJD\x00"])
+def test_decode_base64_refuses_what_is_not_base64(data: bytes) -> None:
+    with pytest.raises(CertificateEncodingError) as raised:
+        decode_base64(data)
+    assert str(raised.value) == "bad base64"
