@@ -38,7 +38,7 @@ audit_logger = logging.getLogger(AUDIT_LOGGER_NAME)
 # A library's loggers stay silent until the application configures logging (or the
 # OpenTelemetry logging bridge): without this, Python's last-resort handler would print
 # every failed handshake to stderr.
-logging.getLogger("opentelemetry.instrumentation.mtls").addHandler(logging.NullHandler())
+audit_logger.addHandler(logging.NullHandler())
 
 # Keys remembered by the rate limiter; past this the least recently seen are dropped,
 # so a flood from many addresses cannot grow memory.
