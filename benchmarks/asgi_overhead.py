@@ -6,10 +6,11 @@ from ``127.0.0.1:50000`` to ``127.0.0.1:8443``), a ``receive`` that returns one
 ``http.request`` message and a ``send`` that discards. The inner application answers
 with ``http.response.start`` and ``http.response.body``.
 
-Before anything is timed, ONE connection is entered in the package's ``REGISTRY`` for
-that address pair, built as the ssl hooks build it: from a real TLS 1.3 mutual-TLS
-handshake (ECDSA P-256 on both sides, over memory BIOs), its record linked to a real SDK
-span, as if that span were the connection's ``TLS server handshake`` span. Every request
+Before anything is timed, ONE connection is made current (``CURRENT``, the context
+variable that a followed server's protocol callbacks set, and that every request task
+inherits), built as the ssl hooks and ``ServerConnections.describe`` build it: from a
+real TLS 1.3 mutual-TLS handshake (ECDSA P-256 on both sides, over memory BIOs), its
+record linked to a real SDK span, as if that span were the connection's ``TLS server handshake`` span. Every request
 is thus a keep-alive request on a known connection: the steady state that the target
 is about (the first request of a connection also derives and caches its attributes and
 TLS extension; that one-off cost is not measured here).
@@ -76,7 +77,7 @@ from opentelemetry.trace import SpanContext, SpanKind
 
 from opentelemetry.instrumentation.mtls import MTLSMiddleware
 from opentelemetry.instrumentation.mtls._requests.asgi import compose_server_request_hook
-from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY, Connection, Key
+from opentelemetry.instrumentation.mtls._requests.connection import CURRENT, Connection
 from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, fill_success
 
 if TYPE_CHECKING:  # mypy, run from the repository's root, sees the directory as a package
@@ -98,7 +99,6 @@ else:  # run as a script, the script's directory is on sys.path
 
 SERVER_ADDRESS: Final = ("127.0.0.1", 8443)
 CLIENT_ADDRESS: Final = ("127.0.0.1", 50000)
-KEY: Final[Key] = (SERVER_ADDRESS, CLIENT_ADDRESS)
 BASELINE: Final = "otel"
 OTHERS: Final = ("bare", "otel+middleware", "otel+hook")
 ENRICHED: Final = ("otel+middleware", "otel+hook")
@@ -245,7 +245,7 @@ class Fixture:
 
 
 def register_connection(provider: TracerProvider) -> Fixture:
-    """Enter one connection for the benchmark's address pair, as ``_hooks._register`` does."""
+    """Make one connection current, as a followed server's callbacks do for its requests."""
     server, client = handshake(make_pki())
     if server.version() != "TLSv1.3" or not server.getpeercert(True):
         raise RuntimeError("not a TLS 1.3 mutual-TLS handshake")
@@ -260,8 +260,8 @@ def register_connection(provider: TracerProvider) -> Fixture:
     span.end()
     record.span_context = span.get_span_context()
     record.local_address, record.peer_address = SERVER_ADDRESS, CLIENT_ADDRESS
-    REGISTRY.clear()
-    REGISTRY.add(KEY, Connection(record, weakref.ref(server), None))
+    connection = Connection(SERVER_ADDRESS, CLIENT_ADDRESS, record, weakref.ref(server))
+    CURRENT.set(connection)  # the loop's tasks copy this context: each request sees it
     return Fixture(record, (server, client), record.span_context, subject)
 
 
@@ -552,6 +552,87 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+class _OldRegistry:
+    """The address-keyed registry this tie replaced (its ``get``, as it was)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, Connection] = {}
+
+    def get(self, key: Any) -> Connection | None:
+        return self._entries.get(key)
+
+
+def tie_costs(connection: Connection, rounds: int = 15, loops: int = 200_000) -> None:
+    """Print what finding a request's connection costs: the old look-up against the new tie.
+
+    ``registry``: what the address-keyed registry did per request, as it was: a function
+    that builds the key from the scope's ``server`` and ``client`` and calls the
+    registry's ``get``. ``context``: what the new tie does per request: one call of a
+    followed protocol's shadowed ``data_received`` (the package's own stand-in, around a
+    protocol method that does nothing; a request takes at least one chunk of bytes), and
+    the request's ``current()`` with the cross-check of the scope's ``server``. Rounds
+    alternate; the medians are printed side by side, each less an empty loop's.
+    """
+    from opentelemetry.instrumentation.mtls._requests.connection import current, track
+
+    scope = {"server": SERVER_ADDRESS, "client": CLIENT_ADDRESS}
+    registry = _OldRegistry()
+    registry._entries[(SERVER_ADDRESS, CLIENT_ADDRESS)] = connection
+
+    def old_connection(scope: dict[str, Any]) -> Connection | None:
+        server, client = scope.get("server"), scope.get("client")
+        if not server or not client:
+            return None
+        return registry.get(((server[0], server[1]), (client[0], client[1])))
+
+    class Protocol:
+        def connection_made(self, transport: Any) -> None:
+            pass
+
+        def data_received(self, data: bytes) -> None:
+            pass
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            pass
+
+    protocol = track(Protocol, lambda transport: connection)()
+    protocol.connection_made(None)
+    data = b"GET / HTTP/1.1"
+
+    def old() -> None:
+        for _ in range(loops):
+            Protocol.data_received(protocol, data)  # the unshadowed callback
+            old_connection(scope)
+
+    def new() -> None:
+        token = CURRENT.set(connection)  # what the request's task inherited
+        for _ in range(loops):
+            protocol.data_received(data)
+            found = current()
+            if found is None or scope["server"] != found.local:
+                raise RuntimeError("the tie found no connection")
+        CURRENT.reset(token)
+
+    def empty() -> None:
+        for _ in range(loops):
+            pass
+
+    results: dict[str, list[float]] = {"registry": [], "context": [], "loop": []}
+    for _ in range(rounds):
+        for name, body in (("registry", old), ("context", new), ("loop", empty)):
+            start = time.process_time()
+            body()
+            results[name].append((time.process_time() - start) / loops * 1e9)
+    floor = statistics.median(results["loop"])
+    old_ns = statistics.median(results["registry"]) - floor
+    new_ns = statistics.median(results["context"]) - floor
+    print("finding the request's connection (per request, an empty loop's cost subtracted):")
+    print(f"  registry look-up by scope addresses (replaced): {old_ns:6.0f} ns")
+    print(f"  connection context (callback stand-in, get):    {new_ns:6.0f} ns")
+    print(f"  ratio context / registry: {new_ns / old_ns:.2f}")
+    protocol.connection_lost(None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rounds: int = args.blocks
@@ -591,12 +672,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             blocks = run(bench, rounds, block_seconds)
         finally:
             gc.unfreeze()
-        if REGISTRY.get(KEY) is None:
-            raise RuntimeError("the connection left the registry during the run")
+        if CURRENT.get() is None:
+            raise RuntimeError("the connection was lost during the run")
     finally:
         loop.close()
         provider.shutdown()
-        REGISTRY.clear()
+        CURRENT.set(None)
 
     print("requests and spans, warm-up included:")
     for name in VARIANTS:
@@ -604,6 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     summary = summarize(blocks)
     print_table(summary, blocks, block_seconds)
+    tie_costs(Connection(SERVER_ADDRESS, CLIENT_ADDRESS, fixture.record))
     checks = print_costs(summary, shares(summary))
     print("targets:")
     for text, met in checks:

@@ -69,7 +69,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
 from opentelemetry.instrumentation.mtls._cli.demo import uvicorn_thread
 from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
-from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY
+from opentelemetry.instrumentation.mtls._requests.connection import live_connections
 from opentelemetry.instrumentation.mtls._signals.audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
@@ -541,7 +541,7 @@ def internals() -> dict[str, int]:
     telemetry = hooks._telemetry
     limiters = [v for v in vars(telemetry).values() if isinstance(v, RateLimiter)]
     return {
-        "connection registry (len(REGISTRY))": len(REGISTRY),
+        "live connections (live_connections())": live_connections(),
         "audit rate limiter keys": sum(len(limiter) for limiter in limiters),
         "peer certificates observed": telemetry.expiry.peer_count(),
         "certificate parse cache": parse_certificate.cache_info().currsize,

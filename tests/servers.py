@@ -45,17 +45,28 @@ def uvicorn_server(
     loop: str = "asyncio",
     cert_reqs: ssl.VerifyMode = ssl.CERT_REQUIRED,
     tls: bool = True,
+    sock: socket.socket | None = None,
+    **options: Any,
 ) -> AbstractContextManager[int]:
-    """Serve ``app`` with uvicorn (``loop``: asyncio or uvloop); yield the port."""
+    """Serve ``app`` with uvicorn (``loop``: asyncio or uvloop); yield the port.
+
+    ``options`` go to ``uvicorn.Config`` (e.g. ``forwarded_allow_ips``); uvicorn's own
+    defaults are kept otherwise, proxy headers from 127.0.0.1 included.
+    """
     leaf, ca = (pki.server, pki.ca) if tls else (None, None)
-    return uvicorn_thread(app, leaf, ca, loop=loop, cert_reqs=cert_reqs)
+    return uvicorn_thread(app, leaf, ca, loop=loop, cert_reqs=cert_reqs, sock=sock, **options)
 
 
 @contextmanager
 def hypercorn_server(app: Any, pki: PKI) -> Iterator[int]:
-    """Serve ``app`` with hypercorn's asyncio worker (HTTP/1.1 and HTTP/2); yield the port."""
+    """Serve ``app`` with hypercorn's asyncio worker (HTTP/1.1 and HTTP/2); yield the port.
+
+    Behind hypercorn's own ``ProxyFixMiddleware``, which rewrites ``scope["client"]`` from
+    ``X-Forwarded-For`` as uvicorn does by default: identities must not follow it.
+    """
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
+    from hypercorn.middleware import ProxyFixMiddleware
 
     sock, port = _listen()
     config = Config()
@@ -75,7 +86,8 @@ def hypercorn_server(app: Any, pki: PKI) -> Iterator[int]:
             while not stop.is_set():
                 await asyncio.sleep(0.02)
 
-        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+        proxied = ProxyFixMiddleware(app, mode="legacy", trusted_hops=1)
+        await serve(proxied, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()

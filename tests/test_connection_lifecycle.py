@@ -1,4 +1,4 @@
-"""How server connections enter and leave the registry, and what is not a rejection.
+"""How server connections are followed and let go, and what is not a rejection.
 
 Cases a second read of the code found: a protocol factory that hands out one protocol
 twice, a protocol that hands its transport to another (uvicorn's WebSocket upgrade), a
@@ -8,6 +8,7 @@ client that closes its own connection, and ``recv(0)``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 import threading
@@ -17,7 +18,7 @@ import pytest
 
 from conftest import PKI
 from opentelemetry.instrumentation.mtls import _failsafe
-from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY
+from opentelemetry.instrumentation.mtls._requests.connection import live_connections
 from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from tlsrun import TIMEOUT
 
@@ -54,7 +55,8 @@ def test_one_protocol_handed_out_twice_is_wrapped_once(pki: PKI) -> None:
     shared = Closing()
     serve_and_call(pki, lambda: shared, calls=30)
     assert "connection_lost" not in vars(shared)  # our stand-ins leave with the connection
-    assert len(REGISTRY) == 0
+    gc.collect()
+    assert live_connections() == 0
 
 
 def test_a_transport_handed_to_another_protocol_still_leaves_the_registry(pki: PKI) -> None:
@@ -76,7 +78,42 @@ def test_a_transport_handed_to_another_protocol_still_leaves_the_registry(pki: P
             upgraded.data_received(data)
 
     serve_and_call(pki, Http, calls=10, payload=b"GET / upgrade")
-    assert len(REGISTRY) == 0
+    gc.collect()
+    assert live_connections() == 0
+
+
+def test_a_live_connection_is_followed_until_it_ends(pki: PKI) -> None:
+    """The positive control of the two tests above: what they count does count."""
+    seen: list[int] = []
+
+    class Idle(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            seen.append(live_connections())
+            self.transport.write(data)
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            Idle, "127.0.0.1", 0, ssl=pki.server_context()
+        )
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=pki.client_context(pki.client), server_hostname="localhost"
+        )
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), TIMEOUT) == b"ping"
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.1)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert seen == [1]
+    gc.collect()
+    assert live_connections() == 0
 
 
 def test_closing_our_own_connection_is_no_rejection(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import logging
 import socket
 import ssl
 import sys
@@ -23,7 +24,7 @@ from pki import Authority, write
 from tlsrun import TIMEOUT, blocking, on_loop, run_loop
 
 pytestmark = pytest.mark.usefixtures("instrumented")
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 def error_types(exporter: InMemorySpanExporter, side: str) -> list[Any]:
@@ -326,3 +327,20 @@ def test_sans_of_a_verified_certificate_survive_a_malformed_extension(
     assert server["tls.client.x509.parse_error"] == "ValueError"
     assert server["tls.client.spiffe_id"] == "spiffe://example.org/odd"
     assert server["tls.client.x509.alternative_names"] == ("URI:spiffe://example.org/odd",)
+
+
+def test_do_handshake_on_an_unconnected_socket_passes_through_silently(
+    pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CPython's test_ssl does this: not a handshake attempt, and not our failure."""
+    with (
+        socket.socket() as raw,
+        pki.client_context(None).wrap_socket(
+            raw, server_hostname="localhost", do_handshake_on_connect=False
+        ) as tls,
+        caplog.at_level(logging.DEBUG, logger="opentelemetry.instrumentation.mtls"),
+        pytest.raises(OSError),
+    ):
+        tls.do_handshake()
+    ours = [r for r in caplog.records if r.name.startswith("opentelemetry.instrumentation.mtls")]
+    assert not [r for r in ours if "handshake record" in r.getMessage()]

@@ -125,3 +125,71 @@ def test_invalid_mode_warns_and_stays_plain(
         MTLSInstrumentor().uninstrument()
     (warning,) = [r.getMessage() for r in caplog.records if "IDENTITY_MODE" in r.getMessage()]
     assert "scrambled" in warning and "plain" in warning
+
+
+def denied_request_text(
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+    **options: Any,
+) -> str:
+    """A request the identity policy denies; every span, event and log record as text."""
+    import httpx
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    from opentelemetry.instrumentation.mtls import MTLSMiddleware
+    from servers import identity_app, uvicorn_server
+
+    evil = pki.ca.issue("evil-client", uris=("spiffe://evil.test/ns/x/sa/y",))
+    exporter.clear()
+    caplog.clear()
+    instrumentor = MTLSInstrumentor()
+    instrumentor.instrument(
+        tracer_provider=tracer_provider, spiffe_trust_domains="example.org", **options
+    )
+    app = OpenTelemetryMiddleware(
+        MTLSMiddleware(identity_app), tracer_provider=tracer_provider, exclude_spans=["receive"]
+    )
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger=AUDIT_LOGGER_NAME),
+            uvicorn_server(app, pki) as port,
+            httpx.Client(verify=pki.client_context(evil), timeout=10) as http,
+        ):
+            http.get(f"https://localhost:{port}/")
+    finally:
+        instrumentor.uninstrument()
+    spans = [
+        (dict(s.attributes or {}), [(e.name, dict(e.attributes or {})) for e in s.events])
+        for s in exporter.get_finished_spans()
+    ]
+    logs = [(r.getMessage(), vars(r)) for r in caplog.records if r.name == AUDIT_LOGGER_NAME]
+    assert [r for r in caplog.records if getattr(r, "event.name", "") == "tls.identity.denied"]
+    return repr((spans, logs))
+
+
+@pytest.mark.parametrize("mode", ["hashed", "omit"])
+def test_denial_records_name_no_identity_in_hashed_and_omit_modes(
+    mode: str,
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text = denied_request_text(
+        pki, tracer_provider, exporter, caplog, identity_mode=mode, hash_key="k"
+    )
+    for secret in ("evil.test", "evil-client"):
+        assert secret not in text
+    assert "spiffe_trust_domain" in text  # the rule that denied is still said
+
+
+def test_denial_records_name_the_identity_in_plain_mode(
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    text = denied_request_text(pki, tracer_provider, exporter, caplog)
+    assert "SPIFFE trust domain evil.test is not allowed" in text

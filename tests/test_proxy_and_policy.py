@@ -99,7 +99,7 @@ def test_identity_from_a_trusted_proxy(
     tracer_provider: TracerProvider,
     configure: Any,
 ) -> None:
-    configure(trusted_proxies=LOOPBACK)
+    configure(trusted_proxies=LOOPBACK, proxy_header=kind)
     with uvicorn_server(app(tracer_provider), pki, tls=False) as port, httpx.Client() as http:
         answer = http.get(f"http://127.0.0.1:{port}/", headers=headers_for(kind, pki.client))
     assert answer.json() == {"spiffe_id": "spiffe://example.org/ns/default/sa/web", "source": kind}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import socket
@@ -34,7 +35,7 @@ from opentelemetry.trace import SpanKind
 
 from conftest import PKI, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
-from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY
+from opentelemetry.instrumentation.mtls._requests.connection import live_connections
 from opentelemetry.instrumentation.mtls._signals.audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
@@ -318,7 +319,8 @@ def test_storm_is_counted_exactly_while_good_clients_keep_their_identity(
     monitored: MTLSInstrumentor,
     failure_records: list[logging.LogRecord],
 ) -> None:
-    assert len(REGISTRY) == 0
+    gc.collect()
+    assert live_connections() == 0
     good = {f"storm-{i}": pki.ca.issue(f"storm-{i}") for i in range(GOOD_CLIENTS)}
     app = OpenTelemetryMiddleware(
         MTLSMiddleware(identity_app),
@@ -369,7 +371,8 @@ def test_storm_is_counted_exactly_while_good_clients_keep_their_identity(
     # The registries: drained once the clients are gone and the server stopped, or bounded.
     hooks = MTLSInstrumentor._hooks
     assert hooks is not None
-    assert len(REGISTRY) == 0
+    gc.collect()
+    assert live_connections() == 0
     assert len(rate_limiter(hooks._telemetry)) == len(KINDS)  # (127.0.0.1, reason) each
     assert hooks._telemetry.expiry.peer_count() == PEER_CERTIFICATE_LIMIT
     assert parse_certificate.cache_info().currsize <= CACHE_SIZE

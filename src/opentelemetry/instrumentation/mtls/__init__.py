@@ -36,14 +36,20 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
-from opentelemetry.instrumentation.mtls._config import MTLSConfig
+from opentelemetry.instrumentation.mtls._config import ExceptionSignals, MTLSConfig
+from opentelemetry.instrumentation.mtls._patch import Patches
+from opentelemetry.instrumentation.mtls._requests import identity as _identity
 from opentelemetry.instrumentation.mtls._requests.asgi import (
-    ClientIdentity,
     MTLSMiddleware,
     client_identity,
+    install_asgi_hook,
 )
+from opentelemetry.instrumentation.mtls._requests.connection import ServerConnections
+from opentelemetry.instrumentation.mtls._requests.identity import ClientIdentity, RequestSettings
+from opentelemetry.instrumentation.mtls._requests.revocation import RevocationChecker
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
 from opentelemetry.instrumentation.mtls._ssl.hooks import SSLHooks
+from opentelemetry.instrumentation.mtls._ssl.local_certificates import LocalCertificates
 from opentelemetry.instrumentation.mtls.package import _instruments
 from opentelemetry.instrumentation.mtls.version import __version__
 
@@ -59,15 +65,20 @@ _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
 
 class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Instrument TLS handshakes of Python's ``ssl`` module.
+    """Instrument TLS handshakes of Python's ``ssl`` module, and the requests they carry.
 
-    ``instrument()`` takes ``tracer_provider`` and the options of
-    :class:`~opentelemetry.instrumentation.mtls._config.MTLSConfig`
-    (``capture_certificate``, ``capture_certificate_chain``), each also an
-    ``OTEL_PYTHON_MTLS_*`` environment variable.
+    ``instrument()`` takes ``tracer_provider``, ``meter_provider`` and the options of
+    :class:`~opentelemetry.instrumentation.mtls._config.MTLSConfig`, each also an
+    ``OTEL_PYTHON_MTLS_*`` environment variable, through the same parser.
+
+    It wires the stages together and nothing else: the ssl hooks make handshake records,
+    the telemetry turns them into spans, metrics and logs, the server connections carry
+    them to requests, and the request integrations put them on server spans.
     """
 
     _hooks: SSLHooks | None = None
+    _connections: ServerConnections | None = None
+    _patches: Patches | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """Return the instrumented libraries: none outside the standard library."""
@@ -87,12 +98,80 @@ class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             meter_provider=kwargs.get("meter_provider"),
             schema_url=_SCHEMA_URL,
         )
-        hooks = SSLHooks(HandshakeTelemetry(tracer, meter, config), config)
-        hooks.install()
-        type(self)._hooks = hooks
+        telemetry = HandshakeTelemetry(tracer, meter, config, ExceptionSignals.from_environment())
+        patches = Patches()
+        cls = type(self)
+        cls._patches = patches
+        cls._hooks = _install_ssl_hooks(telemetry, config)
+        local = _install_local_certificates(telemetry, patches)
+        cls._connections = _install_connections(config, local, patches)
+        _install_requests(config, telemetry, patches)
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        hooks = type(self)._hooks
-        if hooks is not None:
-            hooks.uninstall()
-            type(self)._hooks = None
+        cls = type(self)
+        _restore_requests()
+        if cls._patches is not None:
+            cls._patches.restore()
+            cls._patches = None
+        if cls._connections is not None:
+            cls._connections.close()
+            cls._connections = None
+        if cls._hooks is not None:
+            cls._hooks.uninstall()
+            cls._hooks = None
+
+
+def _install_ssl_hooks(telemetry: HandshakeTelemetry, config: MTLSConfig) -> SSLHooks:
+    """Make every handshake attempt a record, emitted as a span, metrics and logs."""
+    hooks = SSLHooks(telemetry, capture_chain=config.capture_certificate_chain)
+    hooks.install()
+    return hooks
+
+
+def _install_local_certificates(
+    telemetry: HandshakeTelemetry, patches: Patches
+) -> LocalCertificates:
+    """Follow the certificates this process presents: their expiry, the TLS extension's PEM."""
+    local = LocalCertificates(telemetry.expiry.add_local)
+    local.install(patches)
+    return local
+
+
+def _install_connections(
+    config: MTLSConfig, local: LocalCertificates, patches: Patches
+) -> ServerConnections:
+    """Let server connections carry their handshake (and revocation check) to requests."""
+    revocation = None
+    if config.revocation != "off":
+        revocation = RevocationChecker(
+            crl_files=config.crl_files,
+            crl_urls=config.crl_urls,
+            timeout=config.revocation_timeout,
+        )
+    connections = ServerConnections(local, revocation, plaintext=bool(config.trusted_proxies))
+    connections.install(patches)
+    return connections
+
+
+def _install_requests(config: MTLSConfig, telemetry: HandshakeTelemetry, patches: Patches) -> None:
+    """Put the request settings in force, and our hook into contrib's ASGI middleware."""
+    _identity.configure(
+        RequestSettings(
+            trusted_proxies=config.trusted_proxies,
+            proxy_header=config.proxy_header,
+            nginx_header=config.nginx_cert_header.encode("latin-1"),
+            rules=config.identity_rules(),
+            enforce=config.enforce_identity_policy,
+            policy=telemetry.policy,
+            decisions=telemetry.instruments.identity_decisions,
+            limiter=telemetry.limiter,
+            revocation_enforce=config.revocation == "enforce",
+            revocation_timeout=config.revocation_timeout,
+            revocation_checks=telemetry.instruments.revocation_checks,
+        )
+    )
+    install_asgi_hook(patches)
+
+
+def _restore_requests() -> None:
+    _identity.configure(RequestSettings())

@@ -28,7 +28,7 @@ from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
 from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from opentelemetry.instrumentation.mtls._signals.handshake import SERVER_SPAN_NAME
 
-_UTC = datetime.timezone.utc
+_UTC = datetime.UTC
 _TIMEOUT = 10.0
 SPIFFE = "spiffe://demo.test/ns/shop/sa/"
 
@@ -79,15 +79,18 @@ def uvicorn_thread(
     *,
     loop: str = "asyncio",
     cert_reqs: ssl.VerifyMode = ssl.CERT_REQUIRED,
+    sock: socket.socket | None = None,
+    **options: Any,
 ) -> Iterator[int]:
     """Serve an ASGI app with uvicorn on loopback, with mTLS unless ``leaf`` is None.
 
-    The server gets a socket already bound to an ephemeral port, so nothing races for
-    ports; the tests use this too.
+    The server gets a socket already bound to an ephemeral port (``sock``, or a new one on
+    127.0.0.1), so nothing races for ports; the tests use this too, with uvicorn
+    ``options`` of their own.
     """
     import uvicorn  # noqa: PLC0415  # the demo extra
 
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = sock or socket.create_server(("127.0.0.1", 0))
     tls: dict[str, Any] = {}
     if leaf is not None and ca is not None:
         tls = {
@@ -98,7 +101,8 @@ def uvicorn_thread(
         }
     # WebSockets only where the websockets package is installed (the tests' extra).
     ws = "websockets-sansio" if importlib.util.find_spec("websockets") else "none"
-    config = uvicorn.Config(app, loop=loop, lifespan="off", log_level="warning", ws=ws, **tls)
+    settings: dict[str, Any] = {"lifespan": "off", "log_level": "warning", "ws": ws, **options}
+    config = uvicorn.Config(app, loop=loop, **settings, **tls)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

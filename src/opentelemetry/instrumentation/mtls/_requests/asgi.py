@@ -1,13 +1,8 @@
 """The client's identity on ASGI requests: span attributes, a link, the TLS extension.
 
-Where TLS ends at a trusted proxy (Envoy, nginx, Traefik, RFC 9440), the identity comes
-from the header it forwards instead; the same headers from any other peer are ignored
-and reported. An identity policy, when configured, judges each request's identity.
-
-A request finds its connection in the registry by the ``server`` and ``client``
-addresses of its scope. Everything a request needs of the handshake is derived once per
-connection and cached on it: a keep-alive connection's second and later requests cost a
-dictionary look-up, a ``set_attributes`` and an ``add_link``.
+A request finds its connection through the connection itself (:mod:`.connection`): its
+task was created while the connection's protocol callback ran. Its identity is resolved
+once, when the request starts, and kept in the scope; everything after reads that.
 
 Two ways in: :class:`MTLSMiddleware` in the application's stack, or, with no code, the
 ``server_request_hook`` of opentelemetry-instrumentation-asgi's ``OpenTelemetryMiddleware``
@@ -18,58 +13,27 @@ with the user's own hook.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from opentelemetry import trace
-from opentelemetry.metrics import Counter
-from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
-from opentelemetry.semconv.attributes import client_attributes
 from opentelemetry.trace import Span
 
 from opentelemetry.instrumentation.mtls import _failsafe
-from opentelemetry.instrumentation.mtls._config import IPNetwork
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
-from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
-from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY, Connection
-from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
-    ProxiedIdentity,
-    parse_nginx,
-    parse_rfc9440,
-    parse_traefik,
-    parse_xfcc,
+from opentelemetry.instrumentation.mtls._requests import identity as _identity
+from opentelemetry.instrumentation.mtls._requests.connection import CURRENT, Connection
+from opentelemetry.instrumentation.mtls._requests.enrichment import enrich, record_revocation
+from opentelemetry.instrumentation.mtls._requests.identity import (
+    ClientIdentity,
+    RequestSettings,
+    Resolution,
+    resolve,
 )
 from opentelemetry.instrumentation.mtls._requests.revocation import REVOKED
-from opentelemetry.instrumentation.mtls._requests.rules import Decision, IdentityRules, decide
-from opentelemetry.instrumentation.mtls._signals import audit as _audit
-from opentelemetry.instrumentation.mtls._signals.audit import RateLimiter
-from opentelemetry.instrumentation.mtls._signals.handshake import (
-    Attributes,
-    info_attributes,
-    record_certificate_attributes,
-)
-from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, peer_chain
+from opentelemetry.instrumentation.mtls._ssl.record import Address, peer_chain
 from opentelemetry.instrumentation.mtls._ssl.values import iana_cipher_code, version_code
-from opentelemetry.instrumentation.mtls._x509 import (
-    CertificateInfo,
-    der_to_pem,
-    first_pem_certificate,
-    parse_certificate,
-)
-from opentelemetry.instrumentation.mtls.attributes import (
-    TLS_CLIENT_IDENTITY_DECISION,
-    TLS_CLIENT_IDENTITY_RULE,
-    TLS_CLIENT_IDENTITY_SOURCE,
-    TLS_CLIENT_REVOCATION_SOURCE,
-    TLS_CLIENT_REVOCATION_STATUS,
-    TLS_CLIENT_VERIFY_RESULT,
-    TLS_CLIENT_X509_PARSE_ERROR,
-    VERIFY_RESULT_NONE,
-    VERIFY_RESULT_SUCCESS,
-)
+from opentelemetry.instrumentation.mtls._x509 import der_to_pem, first_pem_certificate
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,315 +41,65 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-SOURCE_HANDSHAKE: Final = "handshake"
-SOURCE_ASGI_EXTENSION: Final = "asgi_extension"
-_ENRICHED: Final = "otel.mtls.enriched"
-"""Scope key marking a request already enriched (both ways in may be active)."""
-_DECISION: Final = "otel.mtls.decision"
-"""Scope key holding the identity policy's decision, for enforcement."""
-DECISION_EVENT: Final = "tls.identity.decision"
-REVOCATION_EVENT: Final = "tls.revocation.checked"
-RULE_UNTRUSTED_PROXY_HEADER: Final = "untrusted_proxy_header"
-
-_XFCC: Final = b"x-forwarded-client-cert"
-_CLIENT_CERT: Final = b"client-cert"
-_CLIENT_CERT_CHAIN: Final = b"client-cert-chain"
-_TRAEFIK_CERT: Final = b"x-forwarded-tls-client-cert"
-_TRAEFIK_INFO: Final = b"x-forwarded-tls-client-cert-info"
-
-
-@dataclass(slots=True)
-class RequestSettings:
-    """What requests are judged by; ``MTLSInstrumentor`` sets them from its options."""
-
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    nginx_header: bytes = b"ssl-client-cert"
-    rules: IdentityRules = field(default_factory=IdentityRules)
-    enforce: bool = False
-    policy: IdentityPolicy = DEFAULT_POLICY
-    decisions: Counter | None = None
-    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(5))
-    revocation_enforce: bool = False
-    revocation_timeout: float = 2.0
-    revocation_checks: Counter | None = None
-
-
-SETTINGS = RequestSettings()
-"""The settings in force; replaced by :func:`configure`."""
-
-
-def configure(settings: RequestSettings) -> None:
-    """Put new request settings in force (``MTLSInstrumentor`` does, and undoes)."""
-    global SETTINGS  # noqa: PLW0603
-    SETTINGS = settings
-
-
-@dataclass(frozen=True, slots=True)
-class ClientIdentity:
-    """Who the client of a request is, by the certificate it presented."""
-
-    certificate: CertificateInfo
-    """The parsed leaf certificate: subject, issuer, SANs, SPIFFE ID, fingerprint."""
-    certificate_pem: str | None
-    """The leaf certificate, PEM (None when a proxy forwarded only its fields)."""
-    source: str
-    """Where it came from: ``handshake``, ``asgi_extension``, or a proxy's header
-    (``xfcc``, ``rfc9440``, ``traefik``, ``nginx``)."""
-
-    @property
-    def subject(self) -> str | None:
-        """RFC 4514 subject, e.g. ``CN=web,O=demo``."""
-        return self.certificate.subject
-
-    @property
-    def spiffe_id(self) -> str | None:
-        """The first ``spiffe://`` URI SAN."""
-        return self.certificate.spiffe_id
+_RESOLUTION: Final = "otel.mtls.resolution"
+"""Scope key holding the request's resolution, made once when the request starts."""
+_KINDS: Final = ("http", "websocket")
+# How much longer than a revocation check's own bound enforcement waits for its answer.
+_REVOCATION_GRACE_S: Final = 0.5
 
 
 def client_identity(scope: Scope) -> ClientIdentity | None:
     """Return the identity of the client certificate of an ASGI request, if it had one."""
-    settings = SETTINGS
-    headers = _identity_headers(scope, settings.nginx_header)
-    client = scope.get("client")
-    if headers and _trusted(client[0] if client else None, settings.trusted_proxies):
-        proxied = _parse_headers(headers, settings.nginx_header)
-        if proxied.error is not None or (proxied.leaf_der is None and proxied.subject is None):
-            return None
-        pem = der_to_pem(proxied.leaf_der) if proxied.leaf_der is not None else None
-        return ClientIdentity(_proxied_certificate(proxied), pem, proxied.source)
-    connection = _connection(scope)
-    if connection is not None:
-        record = connection.record
-        if record.peer_der is None or record.peer_certificate is None:
-            return None
-        return ClientIdentity(
-            record.peer_certificate, der_to_pem(record.peer_der), SOURCE_HANDSHAKE
-        )
-    der = _extension_leaf(scope)
-    if der is None:
-        return None
-    return ClientIdentity(parse_certificate(der), der_to_pem(der), SOURCE_ASGI_EXTENSION)
-
-
-def enrich(span: Span, scope: Scope) -> Decision | None:
-    """Put the client's identity on a request's server span and fill the TLS extension.
-
-    Returns the identity policy's decision, or None when no policy is configured.
-    """
     try:
-        if scope.get("type") not in ("http", "websocket"):
-            return None
-        if scope.get(_ENRICHED):
-            decision: Decision | None = scope.get(_DECISION)
-            return decision
-        scope[_ENRICHED] = True
-        settings = SETTINGS
-        certificate, cache = _identify(span, scope, settings)
-        decision = _judge(span, scope, certificate, cache, settings)
-        scope[_DECISION] = decision
-        return decision
+        resolution = resolution_of(scope)
+    except Exception as exc:
+        _failsafe.report("reading a request's identity", exc)
+        return None
+    return resolution.identity if resolution is not None else None
+
+
+def resolution_of(scope: Scope) -> Resolution | None:
+    """Return a request's resolution, resolving it now if this is the first to ask."""
+    resolution: Resolution | None = scope.get(_RESOLUTION)
+    if resolution is not None or scope.get("type") not in _KINDS:
+        return resolution
+    settings = _identity.SETTINGS
+    wanted = settings.identity_header_names
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope.get("headers") or ():
+        if name in wanted:
+            # Repeated lines combine as HTTP combines them: a list, or a malformed value.
+            headers[name] = headers[name] + b"," + value if name in headers else value
+    connection = CURRENT.get()
+    resolution = resolve(
+        connection,
+        headers,
+        _address(scope.get("server")),
+        _extension_leaf(scope) if connection is None else None,
+        settings,
+    )
+    scope[_RESOLUTION] = resolution
+    if resolution.connection is not None and resolution.connection.record is not None:
+        _fill_extension(scope, resolution.connection)
+    return resolution
+
+
+def enrich_request(span: Span, scope: Scope) -> Resolution | None:
+    """Put the client's identity on a request's server span and fill the TLS extension."""
+    try:
+        resolution = resolution_of(scope)
+        if resolution is not None:
+            enrich(span, resolution, _identity.SETTINGS)
+        return resolution
     except Exception as exc:
         _failsafe.report("enriching a request", exc)
         return None
 
 
-def _identify(
-    span: Span, scope: Scope, settings: RequestSettings
-) -> tuple[CertificateInfo | None, dict[str, Any] | None]:
-    """Find the client's certificate: a trusted proxy's header, our handshake, the server's."""
-    proxied = _proxied(span, scope, settings)
-    if proxied is not None:
-        return proxied, None
-    connection = _connection(scope)
-    if connection is None:
-        return _enrich_from_extension(span, scope, settings.policy), None
-    cache = connection.cache
-    attributes = cache.get("attributes")
-    if attributes is None:
-        attributes = cache["attributes"] = request_attributes(connection.record, connection.policy)
-    if span.is_recording():
-        span.set_attributes(attributes)
-        span_context = connection.record.span_context
-        if span_context is not None and span_context.is_valid:
-            span.add_link(span_context)
-    revocation = connection.revocation
-    if revocation is not None and revocation.done():
-        record_revocation(span, connection, settings)
-    extensions = scope.get("extensions")
-    if extensions is None:
-        extensions = scope["extensions"] = {}
-    if "tls" not in extensions:
-        extension = cache.get("extension")
-        if extension is None:
-            extension = cache["extension"] = tls_extension(connection)
-        # Each request its own copy: applications may change what they are given.
-        chain = list(extension["client_cert_chain"])
-        extensions["tls"] = {**extension, "client_cert_chain": chain}
-    return connection.record.peer_certificate, cache
-
-
-def _proxied(span: Span, scope: Scope, settings: RequestSettings) -> CertificateInfo | None:
-    """Return the client identity a trusted proxy forwarded in a header, if any.
-
-    The same headers from any other peer are ignored and reported: someone may be
-    trying to claim an identity they did not prove.
-    """
-    headers = _identity_headers(scope, settings.nginx_header)
-    if not headers:
-        return None
-    client = scope.get("client")
-    peer = client[0] if client else None
-    if not _trusted(peer, settings.trusted_proxies):
-        _record_decision(
-            span,
-            scope,
-            Decision(
-                False,
-                RULE_UNTRUSTED_PROXY_HEADER,
-                f"client certificate header from {peer}, which is not a trusted proxy: ignored",
-            ),
-            None,
-            settings,
-        )
-        return None
-    identity = _parse_headers(headers, settings.nginx_header)
-    if identity.error is not None or (identity.leaf_der is None and identity.subject is None):
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    TLS_CLIENT_IDENTITY_SOURCE: identity.source,
-                    TLS_CLIENT_X509_PARSE_ERROR: identity.error or "no identity in header",
-                }
-            )
-        return None
-    certificate = _proxied_certificate(identity)
-    if span.is_recording():
-        span.set_attributes(
-            {
-                **info_attributes(certificate, True, settings.policy),
-                TLS_CLIENT_IDENTITY_SOURCE: identity.source,
-            }
-        )
-    return certificate
-
-
-def _identity_headers(scope: Scope, nginx_header: bytes) -> dict[bytes, bytes]:
-    wanted = (_XFCC, _CLIENT_CERT, _CLIENT_CERT_CHAIN, _TRAEFIK_CERT, _TRAEFIK_INFO, nginx_header)
-    return {name: value for name, value in scope.get("headers") or () if name in wanted}
-
-
-def _trusted(peer: Any, networks: tuple[IPNetwork, ...]) -> bool:
-    if not networks or not isinstance(peer, str):
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
-
-
-def _parse_headers(headers: dict[bytes, bytes], nginx_header: bytes) -> ProxiedIdentity:
-    if _XFCC in headers:
-        return parse_xfcc(headers[_XFCC])
-    if _CLIENT_CERT in headers:
-        return parse_rfc9440(headers[_CLIENT_CERT], headers.get(_CLIENT_CERT_CHAIN))
-    if _TRAEFIK_CERT in headers or _TRAEFIK_INFO in headers:
-        return parse_traefik(headers.get(_TRAEFIK_CERT), headers.get(_TRAEFIK_INFO))
-    return parse_nginx(headers[nginx_header])
-
-
-def _proxied_certificate(identity: ProxiedIdentity) -> CertificateInfo:
-    if identity.leaf_der is not None:
-        return parse_certificate(identity.leaf_der)
-    names = tuple(f"URI:{uri}" for uri in identity.uris) + tuple(f"DNS:{d}" for d in identity.dns)
-    spiffe = next((uri for uri in identity.uris if uri.startswith("spiffe://")), None)
-    return CertificateInfo(
-        sha256=identity.hash_sha256 or "",
-        subject=identity.subject,
-        alternative_names=names,
-        spiffe_id=spiffe,
-    )
-
-
-def _judge(
-    span: Span,
-    scope: Scope,
-    certificate: CertificateInfo | None,
-    cache: dict[str, Any] | None,
-    settings: RequestSettings,
-) -> Decision | None:
-    """Apply the identity policy, once per connection when the identity is the connection's."""
-    if settings.rules.empty:
-        return None
-    decision: Decision | None = cache.get("decision") if cache is not None else None
-    if decision is None:
-        decision = decide(settings.rules, certificate)
-        if cache is not None:
-            cache["decision"] = decision
-    _record_decision(span, scope, decision, certificate, settings)
-    return decision
-
-
-def _record_decision(
-    span: Span,
-    scope: Scope,
-    decision: Decision,
-    certificate: CertificateInfo | None,
-    settings: RequestSettings,
-) -> None:
-    """Record a decision: span event, count, and for denials a security-event record."""
-    verdict = "allowed" if decision.allowed else "denied"
-    attributes: Attributes = {
-        TLS_CLIENT_IDENTITY_DECISION: verdict,
-        TLS_CLIENT_IDENTITY_RULE: decision.rule,
-    }
-    if span.is_recording():
-        span.add_event(DECISION_EVENT, attributes)
-    if settings.decisions is not None:
-        settings.decisions.add(1, attributes)
-    if decision.allowed or not _audit.audit_logger.isEnabledFor(logging.WARNING):
-        return
-    client = scope.get("client")
-    peer = client[0] if client else None
-    suppressed = settings.limiter.admit((_audit.IDENTITY_DENIED, peer, decision.rule))
-    if suppressed is None:
-        return
-    fields: Attributes = dict(attributes)
-    if peer is not None:
-        fields[client_attributes.CLIENT_ADDRESS] = peer
-    if certificate is not None:
-        fields.update(info_attributes(certificate, True, settings.policy))
-    _audit.emit(
-        logging.WARNING,
-        _audit.IDENTITY_DENIED,
-        f"identity policy denied a request from {peer}: {decision.reason}",
-        fields,
-        suppressed=suppressed,
-    )
-
-
-def request_attributes(
-    record: HandshakeRecord, policy: IdentityPolicy = DEFAULT_POLICY
-) -> Attributes:
-    """Return the attributes that every request span of a connection carries."""
-    attributes: Attributes = {
-        TLS_CLIENT_IDENTITY_SOURCE: SOURCE_HANDSHAKE,
-        tls.TLS_RESUMED: record.resumed,
-        TLS_CLIENT_VERIFY_RESULT: record.verify_result or VERIFY_RESULT_NONE,
-    }
-    if record.protocol_version is not None:
-        attributes[tls.TLS_PROTOCOL_VERSION] = record.protocol_version
-    if record.cipher is not None:
-        attributes[tls.TLS_CIPHER] = record.cipher
-    if record.peer_der is not None:
-        attributes.update(record_certificate_attributes(record, policy, peer_is_client=True))
-    return attributes
-
-
 def tls_extension(connection: Connection) -> dict[str, Any]:
     """Return a connection's ASGI TLS extension (v0.2), as a server would fill it."""
     record = connection.record
+    assert record is not None
     chain: list[str] = []
     if record.peer_der is not None:
         sslobj = connection.ssl_object() if connection.ssl_object is not None else None
@@ -405,11 +119,25 @@ def tls_extension(connection: Connection) -> dict[str, Any]:
     }
 
 
-def _connection(scope: Scope) -> Connection | None:
-    server, client = scope.get("server"), scope.get("client")
-    if not server or not client:
-        return None
-    return REGISTRY.get(((server[0], server[1]), (client[0], client[1])))
+def _fill_extension(scope: Scope, connection: Connection) -> None:
+    extensions = scope.get("extensions")
+    if extensions is None:
+        extensions = scope["extensions"] = {}
+    if "tls" in extensions:
+        return
+    extension = connection.cache.get("extension")
+    if extension is None:
+        extension = connection.cache["extension"] = tls_extension(connection)
+    # Each request its own copy: applications may change what they are given.
+    extensions["tls"] = {**extension, "client_cert_chain": list(extension["client_cert_chain"])}
+
+
+def _address(value: object) -> Address | None:
+    if isinstance(value, list | tuple) and len(value) >= 2:
+        host, port = value[0], value[1]
+        if isinstance(host, str) and isinstance(port, int):
+            return host, port
+    return None
 
 
 def _extension_leaf(scope: Scope) -> bytes | None:
@@ -422,54 +150,30 @@ def _extension_leaf(scope: Scope) -> bytes | None:
     return first_pem_certificate(chain[0].encode("ascii", "replace"))
 
 
-def _enrich_from_extension(
-    span: Span, scope: Scope, policy: IdentityPolicy
-) -> CertificateInfo | None:
-    """Take the identity from a server that fills the TLS extension itself."""
-    der = _extension_leaf(scope)
-    if der is None:
-        return None
-    certificate = parse_certificate(der)
-    if span.is_recording():
-        span.set_attributes(
-            {
-                **info_attributes(certificate, True, policy),
-                TLS_CLIENT_IDENTITY_SOURCE: SOURCE_ASGI_EXTENSION,
-                TLS_CLIENT_VERIFY_RESULT: VERIFY_RESULT_SUCCESS,
-            }
-        )
-    return certificate
-
-
-def record_revocation(span: Span, connection: Connection, settings: RequestSettings) -> None:
-    """Put a finished revocation check on the request span; count it once per connection."""
-    if connection.revocation is None:
-        return
-    result = connection.revocation.result()
-    attributes: Attributes = {
-        TLS_CLIENT_REVOCATION_STATUS: result.status,
-        TLS_CLIENT_REVOCATION_SOURCE: result.source,
-    }
-    if span.is_recording():
-        span.add_event(REVOCATION_EVENT, attributes)
-    if settings.revocation_checks is not None and not connection.cache.get("revocation counted"):
-        connection.cache["revocation counted"] = True
-        settings.revocation_checks.add(1, attributes)
-
-
-async def _revoked(scope: Scope, settings: RequestSettings) -> bool:
-    """Wait (bounded) for the connection's revocation check; whether it says revoked."""
-    connection = _connection(scope)
-    if connection is None or connection.revocation is None:
+async def _revoked(resolution: Resolution, settings: RequestSettings) -> bool:
+    """Wait (bounded) for this connection's own revocation check; whether it says revoked."""
+    future = resolution.revocation
+    if future is None:
         return False
-    future = connection.revocation
     if not future.done():
         try:
-            await asyncio.wait_for(asyncio.wrap_future(future), settings.revocation_timeout * 2)
-        except (asyncio.TimeoutError, Exception):
-            return False  # no answer in time: observe, do not block
-        record_revocation(trace.get_current_span(), connection, settings)
-    return future.result().status == REVOKED
+            await asyncio.wait_for(
+                asyncio.wrap_future(future), settings.revocation_timeout + _REVOCATION_GRACE_S
+            )
+        except Exception:
+            return False  # no answer in time: the check says unknown, which is not revoked
+        record_revocation(trace.get_current_span(), resolution, settings)
+    return bool(future.result().status == REVOKED)
+
+
+def _forbidden(resolution: Resolution | None, settings: RequestSettings) -> bool:
+    if resolution is None:
+        return False
+    decision = resolution.decision
+    if settings.enforce and decision is not None and not decision.allowed:
+        return True
+    # Enforcing revocation where no check can run: identity headers it cannot verify.
+    return settings.revocation_enforce and resolution.unverifiable
 
 
 class MTLSMiddleware:
@@ -482,7 +186,8 @@ class MTLSMiddleware:
     server did not. Behind a trusted proxy the identity comes from its header instead.
     With ``OTEL_PYTHON_MTLS_ENFORCE_IDENTITY_POLICY`` it answers 403 to requests the
     identity policy denies, and with ``OTEL_PYTHON_MTLS_REVOCATION=enforce`` to requests
-    whose client certificate is revoked. Everything else passes through untouched.
+    whose client certificate is revoked, or whose identity headers cannot be checked.
+    Everything else passes through untouched.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -490,11 +195,13 @@ class MTLSMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Enrich, enforce the identity policy if asked to, then call the application."""
-        if scope.get("type") in ("http", "websocket"):
-            settings = SETTINGS
-            decision = enrich(trace.get_current_span(), scope)
-            if (decision is not None and not decision.allowed and settings.enforce) or (
-                settings.revocation_enforce and await _revoked(scope, settings)
+        if scope.get("type") in _KINDS:
+            settings = _identity.SETTINGS
+            resolution = enrich_request(trace.get_current_span(), scope)
+            if _forbidden(resolution, settings) or (
+                settings.revocation_enforce
+                and resolution is not None
+                and await _revoked(resolution, settings)
             ):
                 await _forbid(scope, receive, send)
                 return
@@ -519,7 +226,8 @@ def compose_server_request_hook(
     """Return a ``server_request_hook`` that enriches the span, then calls the user's."""
 
     def server_request_hook(span: Span, scope: Scope) -> None:
-        enrich(span, scope)
+        if scope.get("type") in _KINDS:
+            enrich_request(span, scope)
         if user_hook is not None:
             user_hook(span, scope)
 

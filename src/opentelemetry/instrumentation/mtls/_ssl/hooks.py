@@ -24,7 +24,6 @@ import asyncio.base_events
 import asyncio.sslproto
 import importlib.util
 import ssl
-import sys
 import weakref
 from asyncio.events import _get_running_loop
 from collections import deque
@@ -35,11 +34,7 @@ from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
 from opentelemetry.instrumentation.mtls import _failsafe
-from opentelemetry.instrumentation.mtls._config import MTLSConfig
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
-from opentelemetry.instrumentation.mtls._requests import asgi as _asgi
-from opentelemetry.instrumentation.mtls._requests.asgi import install_asgi_hook
-from opentelemetry.instrumentation.mtls._requests.connection import REGISTRY, Connection
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
 from opentelemetry.instrumentation.mtls._ssl import peer_rejection as _peer_rejection
 from opentelemetry.instrumentation.mtls._ssl.record import (
@@ -49,19 +44,12 @@ from opentelemetry.instrumentation.mtls._ssl.record import (
     fill_failure,
     fill_success,
 )
-from opentelemetry.instrumentation.mtls._x509 import (
-    der_to_pem,
-    first_pem_certificate,
-    parse_certificate,
-)
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _PENDING: Final = "_otel_mtls_attempt"
 """Key of an attempt in progress in its ssl object's ``__dict__``."""
 _RECORD: Final = "_otel_mtls_record"
 """Key of a server connection's handshake record in its ssl object's ``__dict__``."""
-_CONNECTION: Final = "_otel_mtls_connection"
-"""Key of a server connection's registry entry in its ssl object's ``__dict__``."""
 _DRAIN_BATCH: Final = 256
 
 # asyncio.constants.SSL_HANDSHAKE_TIMEOUT: what a loop uses when it is given none.
@@ -93,24 +81,15 @@ class _Attempt(HandshakeRecord):
 class SSLHooks:
     """Install, run and remove the hooks around the ssl handshake methods."""
 
-    def __init__(self, telemetry: HandshakeTelemetry, config: MTLSConfig) -> None:
+    def __init__(self, telemetry: HandshakeTelemetry, *, capture_chain: bool = False) -> None:
         self._telemetry = telemetry
-        self._config = config
+        self._capture_chain = capture_chain
         self._installed = False
         self._patches = Patches()
         # Attempts abandoned inside a finalizer: emitted later, outside the garbage
         # collector, where taking the SDK's locks cannot deadlock.
         self._orphans: deque[HandshakeRecord] = deque(maxlen=_MAX_ORPHANS)
         self._timeouts: weakref.WeakKeyDictionary[ssl.SSLContext, float] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._revocation = config.revocation_checker()
-        # Each server context's trusted CAs by subject, to find a client's issuer.
-        self._issuers: weakref.WeakKeyDictionary[ssl.SSLContext, dict[str, bytes]] = (
-            weakref.WeakKeyDictionary()
-        )
-        # PEM of the certificate each server context presents, for the ASGI extension.
-        self._local_pem: weakref.WeakKeyDictionary[ssl.SSLContext, str] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -120,46 +99,22 @@ class SSLHooks:
         """Patch the handshake methods (and asyncio's and uvloop's SSL plumbing)."""
         self._patches.replace(ssl.SSLSocket, "do_handshake", self._do_handshake)
         self._patches.replace(ssl.SSLObject, "do_handshake", self._do_handshake)
-        self._patches.replace(ssl.SSLContext, "load_cert_chain", self._load_cert_chain)
         self._patches.replace(
             asyncio.base_events.BaseEventLoop, "create_server", self._create_server
         )
         self._install_asyncio()
         self._install_uvloop()
-        install_asgi_hook(self._patches)
-        config, telemetry = self._config, self._telemetry
-        _asgi.configure(
-            _asgi.RequestSettings(
-                trusted_proxies=config.trusted_proxies,
-                nginx_header=config.nginx_cert_header.encode("latin-1"),
-                rules=config.identity_rules(),
-                enforce=config.enforce_identity_policy,
-                policy=telemetry.policy,
-                decisions=telemetry.instruments.identity_decisions,
-                limiter=telemetry.limiter,
-                revocation_enforce=config.revocation == "enforce",
-                revocation_timeout=config.revocation_timeout,
-                revocation_checks=telemetry.instruments.revocation_checks,
-            )
-        )
         self._installed = True
 
     def uninstall(self) -> None:
         """Put back the original methods."""
         self._installed = False
-        _asgi.configure(_asgi.RequestSettings())
         self._patches.restore()
-        if self._revocation is not None:
-            self._revocation.close()
         self._orphans.clear()
-        REGISTRY.clear()
 
     def _install_asyncio(self) -> None:
-        # Python 3.11 rewrote asyncio's SSL protocol after uvloop's; 3.10's older
-        # SSLProtocol creates its ssl object later and is left to the finalizer.
+        # Python 3.11 rewrote asyncio's SSL protocol after uvloop's.
         protocol = asyncio.sslproto.SSLProtocol
-        if sys.version_info < (3, 11) or not hasattr(protocol, "_check_handshake_timeout"):
-            return
         replace = self._patches.replace
         replace(protocol, "connection_made", self._protocol_connection_made)
         replace(protocol, "_on_handshake_complete", self._protocol_handshake_complete)
@@ -170,8 +125,7 @@ class SSLHooks:
 
     def _install_uvloop(self) -> None:
         # uvloop's SSL protocol is compiled and cannot be patched; what it was told
-        # about the handshake timeout, and the connections it serves, are learnt where
-        # servers are created.
+        # about the handshake timeout is learnt where servers are created.
         if importlib.util.find_spec("uvloop") is None:
             return
         import uvloop  # noqa: PLC0415  # optional, only where installed
@@ -245,6 +199,10 @@ class SSLHooks:
                 self.drain_orphans()
             # The C object's getters: SSLObject's are Python properties over them.
             tls: Any = endpoint._sslobj  # type: ignore[union-attr]
+            if tls is None:
+                # An SSLSocket that is not connected: no handshake can start, and the
+                # host's call raises its own error (CPython's test_ssl does this).
+                return None
             server_side = tls.server_side
             attempt = _Attempt(server_side=server_side, start_ns=time_ns(), end_ns=0)
             attempt.hooks = self
@@ -275,10 +233,10 @@ class SSLHooks:
                 fill_failure(attempt, exc)
                 self._telemetry.emit(attempt)
                 return
-            fill_success(attempt, endpoint, capture_chain=self._config.capture_certificate_chain)
+            fill_success(attempt, endpoint, capture_chain=self._capture_chain)
             self._telemetry.emit(attempt)
             if attempt.server_side:
-                # For the requests of this connection (see _register).
+                # For the requests of this connection (see connection_record).
                 endpoint.__dict__[_RECORD] = attempt
             elif attempt.protocol_version == "1.3":
                 _peer_rejection.watch(endpoint, attempt, self._telemetry.peer_rejected)
@@ -394,11 +352,6 @@ class SSLHooks:
                 sslobj = getattr(protocol, "_sslobj", None)
                 if sslobj is not None:
                     _peer_rejection.connection_lost(sslobj)
-                    # The app protocol may have handed the transport on (a WebSocket
-                    # upgrade) and never hear of the loss: the entry goes here too.
-                    registered = sslobj.__dict__.pop(_CONNECTION, None)
-                    if registered is not None:
-                        REGISTRY.remove(*registered)
             except Exception as exc:
                 _failsafe.report("watching for a late rejection", exc)
 
@@ -446,43 +399,15 @@ class SSLHooks:
         except Exception as error:
             _failsafe.report("ending an interrupted handshake", error)
 
-    # -- local certificates --------------------------------------------------------
-
-    def _load_cert_chain(self, original: Method) -> Method:
-        note_local = self._note_local_certificate
-
-        def load_cert_chain(
-            self: ssl.SSLContext, certfile: Any, keyfile: Any = None, password: Any = None
-        ) -> None:
-            original(self, certfile, keyfile, password)
-            note_local(self, certfile)
-
-        return load_cert_chain
-
-    def _note_local_certificate(self, context: ssl.SSLContext, certfile: Any) -> None:
-        """Observe a certificate the process just loaded to present: expiry, PEM."""
-        try:
-            with open(certfile, "rb") as f:
-                der = first_pem_certificate(f.read())
-            if der is not None:
-                self._telemetry.expiry.add_local(parse_certificate(der))
-                self._local_pem[context] = der_to_pem(der)
-        except Exception as exc:
-            _failsafe.report("reading a loaded certificate", exc)
-
     # -- uvloop --------------------------------------------------------------------
 
     def _create_server(self, original: Method) -> Method:
-        remember, track = self._remember_timeout, self._track_connections
+        remember = self._remember_timeout
 
         def create_server(self: Any, *args: Any, **kwargs: Any) -> Any:
             context = kwargs.get("ssl")
             if isinstance(context, ssl.SSLContext):
                 remember(context, kwargs.get("ssl_handshake_timeout"))
-                if args:
-                    args = (track(args[0]), *args[1:])
-                elif "protocol_factory" in kwargs:
-                    kwargs["protocol_factory"] = track(kwargs["protocol_factory"])
             return original(self, *args, **kwargs)
 
         return create_server
@@ -497,109 +422,20 @@ class SSLHooks:
         except Exception as exc:
             _failsafe.report("reading a server's handshake timeout", exc)
 
-    # -- server connections, for requests -----------------------------------------
 
-    def _track_connections(self, factory: Any) -> Any:
-        """Wrap a TLS server's protocol factory so each connection enters the registry.
+def connection_record(sslobj: ssl.SSLObject) -> HandshakeRecord:
+    """Return the record of a server connection's completed handshake.
 
-        The transport handed to the protocol's ``connection_made`` knows both the ssl
-        object (hence the handshake) and the addresses a request's scope will name;
-        ``connection_lost`` says when the entry must go. The protocol gets instance
-        attributes that shadow these two methods; its class is untouched.
-        """
-        register = self._register
-
-        def protocol_factory() -> Any:
-            protocol = factory()
-            try:
-                _shadow_connection_methods(protocol, register)
-            except Exception as exc:
-                _failsafe.report("following a server connection", exc)
-            return protocol
-
-        return protocol_factory
-
-    def _register(self, transport: Any) -> tuple[Any, Connection] | None:
-        """Enter a new server connection in the registry; return what removes it."""
-        try:
-            sslobj = transport.get_extra_info("ssl_object")
-            if not isinstance(sslobj, ssl.SSLObject):
-                return None
-            local = _address(transport.get_extra_info("sockname"))
-            peer = _address(transport.get_extra_info("peername"))
-            if local is None or peer is None:
-                return None
-            record = sslobj.__dict__.get(_RECORD)
-            if record is None:
-                # Nothing recorded the handshake (the API alone, or suppressed): the
-                # request still deserves its identity, read once, here.
-                record = HandshakeRecord(server_side=True, start_ns=0, end_ns=0)
-                fill_success(record, sslobj, capture_chain=False)
-            record.local_address, record.peer_address = local, peer
-            connection = Connection(
-                record,
-                weakref.ref(sslobj),
-                self._local_pem.get(sslobj.context),
-                self._telemetry.policy,
-            )
-            if self._revocation is not None and record.peer_der is not None:
-                issuer = self._issuer_of(record, sslobj.context)
-                connection.revocation = self._revocation.submit(record.peer_der, issuer)
-            key = (local, peer)
-            REGISTRY.add(key, connection)
-            sslobj.__dict__[_CONNECTION] = (key, connection)
-            return key, connection
-        except Exception as exc:
-            _failsafe.report("registering a server connection", exc)
-            return None
-
-    def _issuer_of(self, record: HandshakeRecord, context: ssl.SSLContext) -> bytes | None:
-        """Return the DER of the CA that issued a client certificate (chain, else context)."""
-        if len(record.peer_chain) > 1:
-            return record.peer_chain[1]
-        certificate = record.peer_certificate
-        if certificate is None or certificate.issuer is None:
-            return None
-        issuers = self._issuers.get(context)
-        if issuers is None:
-            issuers = {}
-            for der in context.get_ca_certs(binary_form=True):
-                subject = parse_certificate(der).subject
-                if subject is not None:
-                    issuers[subject] = der
-            self._issuers[context] = issuers
-        return issuers.get(certificate.issuer)
-
-
-def _shadow_connection_methods(protocol: Any, register: Any) -> None:
-    state = getattr(protocol, "__dict__", None)
-    if state is None or getattr(state.get("connection_made"), "otel_mtls", False):
-        return  # no instance attributes, or a factory handing out one protocol twice
-    made, lost = protocol.connection_made, protocol.connection_lost
-    entry: list[tuple[Any, Connection]] = []
-
-    def connection_made(transport: Any) -> None:
-        registered = register(transport)
-        if registered is not None:
-            entry.append(registered)
-        made(transport)
-
-    def connection_lost(exc: BaseException | None) -> None:
-        try:
-            if entry:
-                REGISTRY.remove(*entry.pop())
-        except Exception as error:
-            _failsafe.report("forgetting a server connection", error)
-        # Our closures hold bound methods of the protocol: a cycle, broken here.
-        if state.get("connection_made") is connection_made:
-            del state["connection_made"]
-        if state.get("connection_lost") is connection_lost:
-            del state["connection_lost"]
-        lost(exc)
-
-    connection_made.otel_mtls = True  # type: ignore[attr-defined]
-    state["connection_made"] = connection_made
-    state["connection_lost"] = connection_lost
+    The hooks keep it on the ssl object; when nothing recorded the handshake (the API
+    alone, or instrumentation suppressed), the connection's requests still deserve their
+    identity, so it is read here, once.
+    """
+    record: HandshakeRecord | None = sslobj.__dict__.get(_RECORD)
+    if record is None:
+        record = HandshakeRecord(server_side=True, start_ns=0, end_ns=0)
+        fill_success(record, sslobj, capture_chain=False)
+        sslobj.__dict__[_RECORD] = record
+    return record
 
 
 def _address(value: object) -> Address | None:
