@@ -29,7 +29,7 @@ from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from pki import Leaf
 from tlsrun import TIMEOUT, blocking, run_loop
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 @pytest.fixture
@@ -397,3 +397,33 @@ def test_late_rejection_seen_when_the_client_writes_first(
     assert failures == 5
     rejections = points(reader, "tls.client.peer_rejections")
     assert sum(p.value for p in rejections) == 5
+
+
+@pytest.mark.parametrize(
+    ("opt_in", "span_event", "log_fields"),
+    [("", True, False), ("logs", False, True), ("logs/dup", True, True)],
+)
+def test_exceptions_go_where_the_semconv_opt_in_says(
+    opt_in: str,
+    span_event: bool,
+    log_fields: bool,
+    pki: PKI,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_SEMCONV_EXCEPTION_SIGNAL_OPT_IN", opt_in)
+    instrumentor = MTLSInstrumentor()
+    with kept_records(AUDIT_LOGGER_NAME, logging.WARNING) as records:
+        instrumentor.instrument(tracer_provider=tracer_provider)
+        try:
+            blocking(pki.server_context(), pki.client_context(pki.untrusted_client))
+        finally:
+            instrumentor.uninstrument()
+    (span,) = handshake_spans(exporter, "server")
+    assert span.status.is_ok is False  # the control: a failure either way
+    assert [e.name for e in span.events].count("exception") == int(span_event)
+    (record,) = [r for r in records if getattr(r, "event.name") == "tls.handshake.failed"]
+    assert hasattr(record, "exception.type") is log_fields
+    if log_fields:
+        assert getattr(record, "exception.type") == "ssl.SSLCertVerificationError"

@@ -34,7 +34,7 @@ from opentelemetry.trace import (
 from opentelemetry.util.types import AttributeValue
 
 from opentelemetry.instrumentation.mtls import attributes as names
-from opentelemetry.instrumentation.mtls._config import MTLSConfig
+from opentelemetry.instrumentation.mtls._config import ExceptionSignals, MTLSConfig
 from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
 from opentelemetry.instrumentation.mtls._signals import audit as _audit
 from opentelemetry.instrumentation.mtls._signals.expiry import CertificateExpiry
@@ -223,9 +223,16 @@ def handshake_attributes(
 class HandshakeTelemetry:
     """Emit the telemetry of handshake records: a span, metrics and security-event logs."""
 
-    def __init__(self, tracer: Tracer, meter: Meter, config: MTLSConfig) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        meter: Meter,
+        config: MTLSConfig,
+        exceptions: ExceptionSignals = ExceptionSignals(),  # noqa: B008  # frozen
+    ) -> None:
         self._tracer = tracer
         self._config = config
+        self._exceptions = exceptions
         self.policy = config.identity_policy()
         # The global tracer and meter are proxies that start recording once an SDK
         # provider is set, which may happen after instrument(): ask them every time.
@@ -287,16 +294,12 @@ class HandshakeTelemetry:
             if error is not None:
                 message = str(error)
                 span.set_status(Status(StatusCode.ERROR, message))
-                # The stack of a handshake failure says nothing about its cause, and
-                # formatting one would make every failure (and a flood) costly.
-                span.add_event(
-                    "exception",
-                    {
-                        exception_attributes.EXCEPTION_TYPE: _qualified_name(error),
-                        exception_attributes.EXCEPTION_MESSAGE: message,
-                    },
-                    timestamp=record.end_ns,
-                )
+                if self._exceptions.span_event:
+                    # The stack of a handshake failure says nothing about its cause, and
+                    # formatting one would make every failure (and a flood) costly.
+                    span.add_event(
+                        "exception", _exception_attributes(error), timestamp=record.end_ns
+                    )
         histogram.record((record.end_ns - record.start_ns) / 1e9, self._duration_attributes(record))
         if record.peer_certificate is not None:
             self.expiry.add_peer(record.peer_certificate)
@@ -340,6 +343,8 @@ class HandshakeTelemetry:
             message = f"TLS {side} handshake failed{where}: {record.error_type} ({record.error})"
         if attributes is None:
             attributes = handshake_attributes(record, self._config, self.policy)
+        if record.error is not None and self._exceptions.log_record:
+            attributes = {**attributes, **_exception_attributes(record.error)}
         token = context.attach(trace.set_span_in_context(span))
         try:
             _audit.emit(level, event, message, attributes, suppressed=suppressed)
@@ -379,6 +384,13 @@ def _meter_recording(meter: Meter) -> bool:
         return False
     real = getattr(meter, "_real_meter", meter)
     return real is not None and not isinstance(real, NoOpMeter)
+
+
+def _exception_attributes(error: BaseException) -> Attributes:
+    return {
+        exception_attributes.EXCEPTION_TYPE: _qualified_name(error),
+        exception_attributes.EXCEPTION_MESSAGE: str(error),
+    }
 
 
 def _qualified_name(exc: BaseException) -> str:
