@@ -37,22 +37,25 @@ def backend_tls_context() -> ssl.SSLContext:
     return context
 
 
-def flush_telemetry() -> None:
-    """Export what the SDK still holds, before uvicorn lets SIGTERM end the process.
+def shutdown_telemetry() -> None:
+    """Shut the SDK down, exporting what it still holds, before uvicorn lets SIGTERM end us.
 
     uvicorn re-raises SIGTERM once it has shut down, and a process ended by SIGTERM runs
-    no ``atexit`` handler: the SDK's own flush at exit never happens, and the last spans,
-    logs and metrics (up to ``OTEL_METRIC_EXPORT_INTERVAL``, 60 s by default) are lost.
-    The lifespan's shutdown runs after the last request, so flushing there keeps them.
+    no ``atexit`` handler: without this, the last spans, logs and metrics are lost.
+    ``shutdown()``, not ``force_flush()``: the batch processors' flush ignores its timeout
+    and runs until their queue is empty, which with no collector listening never comes,
+    as the exporters' own warnings are log records to export too
+    (opentelemetry-python#4688). Each last export retries for up to
+    ``OTEL_EXPORTER_OTLP_TIMEOUT``.
     """
     for provider in (
         trace.get_tracer_provider(),
         metrics.get_meter_provider(),
         get_logger_provider(),
     ):
-        force_flush = getattr(provider, "force_flush", None)  # the SDK's, not the API's
-        if force_flush is not None:
-            force_flush(5000)
+        shutdown = getattr(provider, "shutdown", None)  # the SDK's, not the API's
+        if shutdown is not None:
+            shutdown()
 
 
 @asynccontextmanager
@@ -63,7 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ) as client:
         app.state.backend = client
         yield
-    flush_telemetry()
+    shutdown_telemetry()
 
 
 app = FastAPI(title="frontend", lifespan=lifespan)

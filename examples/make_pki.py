@@ -24,7 +24,7 @@ from pathlib import Path
 
 from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 TRUST_DOMAIN = "spiffe://demo.test/ns/shop/sa"
 
 

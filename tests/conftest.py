@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from pki import Authority, Leaf
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 @dataclass

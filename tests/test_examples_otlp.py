@@ -116,6 +116,7 @@ def service_environment(
         OTEL_BSP_SCHEDULE_DELAY="200",
         OTEL_METRIC_EXPORT_INTERVAL="500",
         OTEL_BLRP_SCHEDULE_DELAY="200",
+        OTEL_EXPORTER_OTLP_TIMEOUT="2",  # as the README's commands set it
         OTEL_PYTHON_LOGGING_AUTO_INSTRUMENTATION_ENABLED="true",
         # Everything is on loopback: no proxy may get in between (gRPC honours them too).
         NO_PROXY="127.0.0.1,localhost",

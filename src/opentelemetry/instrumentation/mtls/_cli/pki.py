@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 _counter = itertools.count()
 _directory: str | None = None
 
