@@ -193,7 +193,7 @@ def test_wrong_keyword_warns_once_and_keeps_the_default(
 def test_identity_mode_keyword_is_case_insensitive(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         config = MTLSConfig.load({"identity_mode": "Hashed", "hash_key": "k1"})
-        policy = config.identity_policy()
+        policy = config.redaction()
     assert config.identity_mode == "hashed"
     assert policy.mode == "hashed"
     assert policy.key == b"k1"
@@ -202,7 +202,7 @@ def test_identity_mode_keyword_is_case_insensitive(caplog: pytest.LogCaptureFixt
 
 def test_hashed_without_a_key_warns_and_omits(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        policy = MTLSConfig.load({"identity_mode": "Hashed"}).identity_policy()
+        policy = MTLSConfig.load({"identity_mode": "Hashed"}).redaction()
     assert policy.mode == "omit"
     (warning,) = warnings_of(caplog)
     assert "hash_key" in warning
@@ -221,13 +221,12 @@ def test_hash_key_as_bytes_or_text_gives_one_policy(monkeypatch: pytest.MonkeyPa
     from_variable = MTLSConfig.load()
     assert from_text.hash_key == from_bytes.hash_key == from_variable.hash_key == b"k\xc3\xa9y"
     hashes = {
-        config.identity_policy().protect("CN=client")
-        for config in (from_text, from_bytes, from_variable)
+        config.redaction().protect("CN=client") for config in (from_text, from_bytes, from_variable)
     }
     assert len(hashes) == 1
     # A different key gives a different hash: the key is really used.
     other = MTLSConfig.load({"identity_mode": "hashed", "hash_key": b"\x00\xff"})
-    assert other.identity_policy().protect("CN=client") not in hashes
+    assert other.redaction().protect("CN=client") not in hashes
 
 
 NETWORK = ipaddress.ip_network("10.0.0.5/32")

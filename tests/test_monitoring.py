@@ -344,10 +344,14 @@ def test_rate_limits_are_kept_per_kind_of_record(audit: list[logging.LogRecord])
 
     from opentelemetry.instrumentation.mtls._config import MTLSConfig
     from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
+    from opentelemetry.instrumentation.mtls._signals.providers import Providers
     from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, fill_failure
 
     telemetry = HandshakeTelemetry(
-        trace.NoOpTracer(), metrics.NoOpMeter("test"), MTLSConfig(log_rate_limit=1)
+        trace.NoOpTracer(),
+        metrics.NoOpMeter("test"),
+        MTLSConfig(log_rate_limit=1),
+        Providers(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider()),
     )
     client = HandshakeRecord(server_side=False, start_ns=0, end_ns=0)
     client.peer_address = ("127.0.0.1", 443)

@@ -8,14 +8,27 @@ from typing import Any
 import pytest
 import trustme
 
-from opentelemetry.instrumentation.mtls._ssl import values as _tls_values
 from opentelemetry.instrumentation.mtls._ssl.values import (
+    CIPHER_SUITES,
+    IANA_CIPHER_NAMES,
+    PROTOCOL_VERSIONS,
     iana_cipher_code,
-    iana_cipher_name,
-    protocol_name,
-    protocol_version,
-    protocol_version_code,
+    version_code,
 )
+
+
+def iana_cipher_name(name: str) -> str:
+    """As the handshake record reads a cipher: the IANA name, else the name as it is."""
+    return IANA_CIPHER_NAMES.get(name, name)
+
+
+def protocol_version(ssl_version: str | None) -> str | None:
+    return PROTOCOL_VERSIONS.get(ssl_version) if ssl_version is not None else None
+
+
+def protocol_version_code(ssl_version: str | None) -> int | None:
+    return version_code(protocol_version(ssl_version))
+
 
 TLS13_SUITES = {
     "TLS_AES_128_GCM_SHA256": 0x1301,
@@ -55,7 +68,7 @@ def test_every_cipher_openssl_offers_is_mapped(cipher_string: str | None) -> Non
 
 
 def test_table_is_sorted_and_consistent() -> None:
-    table = _tls_values._CIPHER_SUITES
+    table = CIPHER_SUITES
     codes = [code for _, code in table.values()]
     assert codes == sorted(codes)
     assert len(set(codes)) == len(codes)
@@ -109,27 +122,24 @@ def test_unknown_cipher_passes_through(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("ssl_version", "name", "version", "code"),
+    ("ssl_version", "version", "code"),
     [
-        ("TLSv1.3", "tls", "1.3", 0x0304),
-        ("TLSv1.2", "tls", "1.2", 0x0303),
-        ("TLSv1.1", "tls", "1.1", 0x0302),
-        ("TLSv1", "tls", "1.0", 0x0301),
-        ("SSLv3", "ssl", "3", 0x0300),
-        (None, None, None, None),
-        ("", None, None, None),
-        ("unknown", None, None, None),
-        ("TLSv1.0", None, None, None),
-        ("tlsv1.3", None, None, None),
-        ("TLSv1.4", None, None, None),
-        ("DTLSv1.2", None, None, None),
-        ("1.3", None, None, None),
+        ("TLSv1.3", "1.3", 0x0304),
+        ("TLSv1.2", "1.2", 0x0303),
+        ("TLSv1.1", "1.1", 0x0302),
+        ("TLSv1", "1.0", 0x0301),
+        ("SSLv3", "3", 0x0300),
+        (None, None, None),
+        ("", None, None),
+        ("unknown", None, None),
+        ("TLSv1.0", None, None),
+        ("tlsv1.3", None, None),
+        ("TLSv1.4", None, None),
+        ("DTLSv1.2", None, None),
+        ("1.3", None, None),
     ],
 )
-def test_protocol_helpers(
-    ssl_version: str | None, name: str | None, version: str | None, code: int | None
-) -> None:
-    assert protocol_name(ssl_version) == name
+def test_protocol_tables(ssl_version: str | None, version: str | None, code: int | None) -> None:
     assert protocol_version(ssl_version) == version
     assert protocol_version_code(ssl_version) == code
 
@@ -231,7 +241,6 @@ def test_loopback_handshake_tls12(
     assert client_version == server_version == "TLSv1.2"
     assert client_cipher[0] == server_cipher[0]
     assert protocol_version(client_version) == "1.2"
-    assert protocol_name(client_version) == "tls"
     assert protocol_version_code(client_version) == 0x0303
     if client_ciphers is not None:
         assert client_cipher[0] == client_ciphers
@@ -250,7 +259,6 @@ def test_loopback_handshake_tls13(key_type: trustme.KeyType) -> None:
     assert client_version == server_version == "TLSv1.3"
     assert client_cipher[0] == server_cipher[0]
     assert protocol_version(client_version) == "1.3"
-    assert protocol_name(client_version) == "tls"
     assert protocol_version_code(client_version) == 0x0304
     assert client_cipher[0] in TLS13_SUITES
     assert iana_cipher_name(client_cipher[0]) == client_cipher[0]

@@ -122,7 +122,6 @@ def test_leaf_every_field() -> None:
         not_after_timestamp=NOT_AFTER.timestamp(),
         serial_number="123456789ABCDEF0123",
         common_name="web.example.org",
-        issuer_common_name="Example Root CA",
         alternative_names=(
             "DNS:web.example.org",
             "URI:https://example.org/web",
@@ -155,7 +154,6 @@ def test_no_common_name_and_no_san() -> None:
     assert info.alternative_names == ()
     assert info.spiffe_id is None
     assert info.parse_error is None
-    assert info.issuer_common_name == "Example Root CA"
 
 
 def test_first_common_name_wins() -> None:
@@ -296,7 +294,6 @@ def test_malformed_subject_keeps_san_and_spiffe_id() -> None:
     assert info.parse_error == "ValueError"
     assert info.subject is None
     assert info.common_name is None
-    assert info.issuer_common_name == "Example Root CA"
     assert info.spiffe_id == SPIFFE_ID
 
 

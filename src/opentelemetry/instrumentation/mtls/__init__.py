@@ -48,6 +48,7 @@ from opentelemetry.instrumentation.mtls._requests.connection import ServerConnec
 from opentelemetry.instrumentation.mtls._requests.identity import ClientIdentity, RequestSettings
 from opentelemetry.instrumentation.mtls._requests.revocation import RevocationChecker
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
+from opentelemetry.instrumentation.mtls._signals.providers import Providers
 from opentelemetry.instrumentation.mtls._ssl.hooks import SSLHooks
 from opentelemetry.instrumentation.mtls._ssl.local_certificates import LocalCertificates
 from opentelemetry.instrumentation.mtls.package import _instruments
@@ -98,7 +99,10 @@ class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             meter_provider=kwargs.get("meter_provider"),
             schema_url=_SCHEMA_URL,
         )
-        telemetry = HandshakeTelemetry(tracer, meter, config, ExceptionSignals.from_environment())
+        providers = Providers(kwargs.get("tracer_provider"), kwargs.get("meter_provider"))
+        telemetry = HandshakeTelemetry(
+            tracer, meter, config, providers, ExceptionSignals.from_environment()
+        )
         patches = Patches()
         cls = type(self)
         cls._patches = patches
@@ -162,7 +166,7 @@ def _install_requests(config: MTLSConfig, telemetry: HandshakeTelemetry, patches
             nginx_header=config.nginx_cert_header.encode("latin-1"),
             rules=config.identity_rules(),
             enforce=config.enforce_identity_policy,
-            policy=telemetry.policy,
+            redaction=telemetry.redaction,
             decisions=telemetry.instruments.identity_decisions,
             limiter=telemetry.limiter,
             revocation_enforce=config.revocation == "enforce",

@@ -22,10 +22,10 @@ import os
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from opentelemetry.instrumentation.mtls import _failsafe
-from opentelemetry.instrumentation.mtls._redaction import HASHED, MODES, OMIT, IdentityPolicy
+from opentelemetry.instrumentation.mtls._redaction import HASHED, MODES, OMIT, Redaction
 from opentelemetry.instrumentation.mtls._requests.rules import (
     ISSUER_SEPARATOR,
     LIST_SEPARATOR,
@@ -204,48 +204,63 @@ def _san_patterns(value: str) -> str:
     return value
 
 
+_PREFIX: Final = "OTEL_PYTHON_MTLS_"
+_PARSE: Final = "parse"
+_T = TypeVar("_T")
+
+
+def _option(default: _T, parse: Callable[[Any], _T], *, repr: bool = True) -> _T:
+    """Declare an option: its default, and the one parser of its keyword and its variable.
+
+    The variable is ``OTEL_PYTHON_MTLS_`` and the option's name in capitals.
+    """
+    declared: _T = field(default=default, repr=repr, metadata={_PARSE: parse})
+    return declared
+
+
 @dataclass(frozen=True, slots=True)
 class MTLSConfig:
     """What the instrumentation records beyond the defaults, and its bounds."""
 
-    capture_certificate: bool = False
+    capture_certificate: bool = _option(False, _boolean)
     """Record the peer's PEM leaf as ``tls.*.certificate``."""
-    capture_certificate_chain: bool = False
+    capture_certificate_chain: bool = _option(False, _boolean)
     """Record the peer's PEM chain as ``tls.*.certificate_chain``."""
-    log_success: bool = False
+    log_success: bool = _option(False, _boolean)
     """Write a ``tls.handshake.succeeded`` record for every successful handshake."""
-    log_rate_limit: int = 5
+    log_rate_limit: int = _option(5, _positive_int)
     """Security-event records per second per (peer address, ``error.type``)."""
-    peer_certificate_limit: int = 1000
+    peer_certificate_limit: int = _option(1000, _positive_int)
     """Distinct peer certificates kept for ``tls.certificate.time_left``."""
-    expiry_warning_days: float = 30.0
+    expiry_warning_days: float = _option(30.0, _positive_float)
     """A local certificate this close to expiry gets a ``tls.certificate.expiring`` record."""
-    identity_mode: str = "plain"
+    identity_mode: str = _option("plain", _choice(MODES))
     """How peer identities appear in telemetry: ``plain``, ``hashed`` or ``omit``."""
-    hash_key: bytes | None = field(default=None, repr=False)
+    hash_key: bytes | None = _option(None, _hash_key, repr=False)
     """The HMAC key of ``hashed`` mode; share it across services to correlate identities."""
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = _option((), _networks)
     """Peers whose client-certificate headers are believed (TLS ends at them)."""
-    proxy_header: str = "xfcc"
+    proxy_header: str = _option("xfcc", _choice(PROXY_HEADERS))
     """The one header format believed from a trusted proxy: xfcc, rfc9440, traefik, nginx."""
-    nginx_cert_header: str = "ssl-client-cert"
+    nginx_cert_header: str = _option("ssl-client-cert", _header_name)
     """The request header an nginx in front puts ``$ssl_client_escaped_cert`` in."""
-    allowed_issuers: str | None = None
+    allowed_issuers: str | None = _option(None, _issuers)
     """Identity policy: issuer DNs (``;``-separated) or CA SHA-256 fingerprints."""
-    spiffe_trust_domains: str | None = None
+    spiffe_trust_domains: str | None = _option(None, _trust_domains)
     """Identity policy: SPIFFE trust domains a client's ID must be in (comma-separated)."""
-    san_patterns: str | None = None
+    san_patterns: str | None = _option(None, _san_patterns)
     """Identity policy: SAN patterns such as ``DNS:*.internal.example.org`` (comma-separated)."""
-    enforce_identity_policy: bool = False
+    enforce_identity_policy: bool = _option(False, _boolean)
     """Answer 403 to requests the identity policy denies (``MTLSMiddleware`` only)."""
-    revocation: str = "off"
+    revocation: str = _option("off", _choice(REVOCATION_MODES))
     """Check client certificates' revocation: ``off``, ``observe`` or ``enforce`` (403)."""
-    crl_files: tuple[str, ...] = ()
+    crl_files: tuple[str, ...] = _option((), _strings)
     """CRL files (PEM or DER) to check client certificates against."""
-    crl_urls: tuple[str, ...] = ()
+    crl_urls: tuple[str, ...] = _option((), _http_urls)
     """CRL URLs (http) to check client certificates against."""
-    revocation_timeout: float = 2.0
-    """Seconds a CRL download or OCSP query may take before the answer is ``unknown``."""
+    revocation_timeout: float = _option(2.0, _positive_float)
+    """Seconds a whole revocation check may take (every download and redirect) before the
+    answer is ``unknown``."""
 
     def identity_rules(self) -> IdentityRules:
         """Return the identity policy's rules; invalid rules warn and are dropped."""
@@ -257,15 +272,15 @@ class MTLSConfig:
             _logger.warning("the identity policy is invalid (%s); no policy applies", exc)
             return IdentityRules()
 
-    def identity_policy(self) -> IdentityPolicy:
+    def redaction(self) -> Redaction:
         """Return the identity policy asked for; ``hashed`` without a key omits instead."""
         if self.identity_mode == HASHED and not self.hash_key:
             _logger.warning(
                 "identity_mode=hashed (OTEL_PYTHON_MTLS_IDENTITY_MODE) needs hash_key "
                 "(OTEL_PYTHON_MTLS_HASH_KEY); omitting identities instead"
             )
-            return IdentityPolicy(OMIT)
-        return IdentityPolicy(self.identity_mode, self.hash_key)
+            return Redaction(OMIT)
+        return Redaction(self.identity_mode, self.hash_key)
 
     @classmethod
     def load(cls, options: Mapping[str, Any] | None = None) -> MTLSConfig:
@@ -311,25 +326,8 @@ def _describe(default: object) -> str:
 
 
 ENVIRONMENT: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
-    "capture_certificate": ("OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE", _boolean),
-    "capture_certificate_chain": ("OTEL_PYTHON_MTLS_CAPTURE_CERTIFICATE_CHAIN", _boolean),
-    "log_success": ("OTEL_PYTHON_MTLS_LOG_SUCCESS", _boolean),
-    "log_rate_limit": ("OTEL_PYTHON_MTLS_LOG_RATE_LIMIT", _positive_int),
-    "peer_certificate_limit": ("OTEL_PYTHON_MTLS_PEER_CERTIFICATE_LIMIT", _positive_int),
-    "expiry_warning_days": ("OTEL_PYTHON_MTLS_EXPIRY_WARNING_DAYS", _positive_float),
-    "identity_mode": ("OTEL_PYTHON_MTLS_IDENTITY_MODE", _choice(MODES)),
-    "hash_key": ("OTEL_PYTHON_MTLS_HASH_KEY", _hash_key),
-    "trusted_proxies": ("OTEL_PYTHON_MTLS_TRUSTED_PROXIES", _networks),
-    "proxy_header": ("OTEL_PYTHON_MTLS_PROXY_HEADER", _choice(PROXY_HEADERS)),
-    "nginx_cert_header": ("OTEL_PYTHON_MTLS_NGINX_CERT_HEADER", _header_name),
-    "allowed_issuers": ("OTEL_PYTHON_MTLS_ALLOWED_ISSUERS", _issuers),
-    "spiffe_trust_domains": ("OTEL_PYTHON_MTLS_SPIFFE_TRUST_DOMAINS", _trust_domains),
-    "san_patterns": ("OTEL_PYTHON_MTLS_SAN_PATTERNS", _san_patterns),
-    "enforce_identity_policy": ("OTEL_PYTHON_MTLS_ENFORCE_IDENTITY_POLICY", _boolean),
-    "revocation": ("OTEL_PYTHON_MTLS_REVOCATION", _choice(REVOCATION_MODES)),
-    "crl_files": ("OTEL_PYTHON_MTLS_CRL_FILES", _strings),
-    "crl_urls": ("OTEL_PYTHON_MTLS_CRL_URLS", _http_urls),
-    "revocation_timeout": ("OTEL_PYTHON_MTLS_REVOCATION_TIMEOUT", _positive_float),
+    option.name: (_PREFIX + option.name.upper(), option.metadata[_PARSE])
+    for option in fields(MTLSConfig)
 }
 """Each option's environment variable and parser (the keyword's parser too)."""
 

@@ -3,7 +3,7 @@
 ``plain`` shows the certificate as it is. ``hashed`` replaces the subject, common name,
 SANs and SPIFFE ID with a keyed HMAC-SHA256, so one identity still correlates across
 services that share the key, but cannot be read back. ``omit`` keeps only what names no
-one: the fingerprint (and, elsewhere, the verify result). The same policy is applied to
+one: the fingerprint (and, elsewhere, the verify result). The same redaction is applied to
 spans, logs and metrics, because they all take certificate fields from here.
 """
 
@@ -25,7 +25,7 @@ _HASH_PREFIX: Final = "hmac-sha256:"
 
 
 @dataclass(frozen=True, slots=True)
-class IdentityPolicy:
+class Redaction:
     """The identity mode in force, with its key for ``hashed``."""
 
     mode: str = PLAIN
@@ -42,7 +42,7 @@ class IdentityPolicy:
         return _HASH_PREFIX + digest
 
     def apply(self, info: CertificateInfo) -> CertificateInfo:
-        """Return the certificate as this policy lets telemetry show it."""
+        """Return the certificate as this redaction lets telemetry show it."""
         if self.mode == PLAIN:
             return info
         if self.mode == OMIT:
@@ -61,4 +61,4 @@ class IdentityPolicy:
         )
 
 
-DEFAULT_POLICY: Final = IdentityPolicy()
+NO_REDACTION: Final = Redaction()

@@ -98,8 +98,6 @@ class CertificateInfo:
     """Serial number, uppercase hex."""
     common_name: str | None = None
     """The subject's first commonName."""
-    issuer_common_name: str | None = None
-    """The issuer's first commonName."""
     alternative_names: tuple[str, ...] = ()
     """SANs with their kind, e.g. ``DNS:a.example``: at most :data:`MAX_ALTERNATIVE_NAMES`
     of them, then a :data:`TRUNCATED_NAMES` entry."""
@@ -211,7 +209,7 @@ def _parse(der: bytes) -> CertificateInfo:
     # cryptography decodes names, the serial and extensions only when they are accessed,
     # so each group is read under its own guard: a malformed SAN must not hide the subject.
     subject, common_name = _attempt(lambda: _name_fields(cert.subject), errors) or (None, None)
-    issuer, issuer_cn = _attempt(lambda: _name_fields(cert.issuer), errors) or (None, None)
+    issuer = _attempt(lambda: cert.issuer.rfc4514_string(), errors)  # noqa: PLW0108  # guarded
     serial = _attempt(lambda: format(cert.serial_number, "X"), errors)
     not_before = _attempt(lambda: _iso8601(cert.not_valid_before_utc), errors)
     not_after, not_after_timestamp = _attempt(
@@ -228,7 +226,6 @@ def _parse(der: bytes) -> CertificateInfo:
         not_after_timestamp=not_after_timestamp,
         serial_number=serial,
         common_name=common_name,
-        issuer_common_name=issuer_cn,
         alternative_names=bounded_names(alternative_names),
         spiffe_id=first_spiffe_id(alternative_names),
         parse_error=errors[0] if errors else None,

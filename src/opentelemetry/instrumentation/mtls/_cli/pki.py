@@ -27,6 +27,24 @@ _counter = itertools.count()
 _directory: str | None = None
 
 
+_KEY_USAGES = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def _key_usage(*allowed: str) -> x509.KeyUsage:
+    """Return a KeyUsage extension that allows exactly the named usages."""
+    return x509.KeyUsage(**{usage: usage in allowed for usage in _KEY_USAGES})
+
+
 def write(data: bytes, suffix: str) -> str:
     """Write bytes to a new file in this process's private PKI directory; return its path."""
     global _directory  # noqa: PLW0603
@@ -81,17 +99,7 @@ class Authority:
             .not_valid_after(now + datetime.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                _key_usage("digital_signature", "key_cert_sign", "crl_sign"),
                 critical=True,
             )
             .add_extension(

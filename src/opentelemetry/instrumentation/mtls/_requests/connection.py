@@ -31,7 +31,7 @@ from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
 from opentelemetry.instrumentation.mtls._ssl.hooks import connection_record
 from opentelemetry.instrumentation.mtls._ssl.local_certificates import LocalCertificates
-from opentelemetry.instrumentation.mtls._ssl.record import Address, HandshakeRecord
+from opentelemetry.instrumentation.mtls._ssl.record import Address, HandshakeRecord, socket_address
 from opentelemetry.instrumentation.mtls._x509 import parse_certificate, sha256_hex
 
 _SHADOWED: Final = ("connection_made", "data_received", "eof_received", "buffer_updated")
@@ -208,8 +208,8 @@ class ServerConnections:
 
     def describe(self, transport: Any) -> Connection | None:
         """Build the connection a transport carries: its addresses, and its handshake."""
-        local = _address(transport.get_extra_info("sockname"))
-        peer = _address(transport.get_extra_info("peername"))
+        local = socket_address(transport.get_extra_info("sockname"))
+        peer = socket_address(transport.get_extra_info("peername"))
         sslobj = transport.get_extra_info("ssl_object")
         if not isinstance(sslobj, ssl.SSLObject):
             return Connection(local, peer) if self._plaintext else None
@@ -250,12 +250,3 @@ class ServerConnections:
         """Stop the revocation checks this follower started."""
         if self._revocation is not None:
             self._revocation.close()
-
-
-def _address(value: object) -> Address | None:
-    """Return (host, port) of an IP socket address; None for anything else."""
-    if isinstance(value, tuple) and len(value) >= 2:
-        host, port = value[0], value[1]
-        if isinstance(host, str) and isinstance(port, int):
-            return host, port
-    return None

@@ -77,9 +77,9 @@ def record_decision(
         fields[client_attributes.CLIENT_ADDRESS] = peer
     identity = resolution.identity
     if identity is not None:
-        fields.update(info_attributes(identity.certificate, True, settings.policy))
+        fields.update(info_attributes(identity.certificate, True, settings.redaction))
     # A reason names the identity it judged: shown only where identities may be.
-    reason = decision.reason if settings.policy.mode == PLAIN else f"rule {decision.rule}"
+    reason = decision.reason if settings.redaction.mode == PLAIN else f"rule {decision.rule}"
     _audit.emit(
         logging.WARNING,
         _audit.IDENTITY_DENIED,

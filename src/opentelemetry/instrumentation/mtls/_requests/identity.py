@@ -21,7 +21,7 @@ from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
 from opentelemetry.trace import SpanContext
 from opentelemetry.util.types import AttributeValue
 
-from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
+from opentelemetry.instrumentation.mtls._redaction import NO_REDACTION, Redaction
 from opentelemetry.instrumentation.mtls._requests.connection import Connection
 from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
     FORMATS,
@@ -67,7 +67,7 @@ class RequestSettings:
     nginx_header: bytes = b"ssl-client-cert"
     rules: IdentityRules = field(default_factory=IdentityRules)
     enforce: bool = False
-    policy: IdentityPolicy = DEFAULT_POLICY
+    redaction: Redaction = NO_REDACTION
     decisions: Counter | None = None
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(5))
     revocation_enforce: bool = False
@@ -235,7 +235,7 @@ def _from_handshake(connection: Connection, settings: RequestSettings) -> Resolu
     cache = connection.cache
     attributes = cache.get("attributes")
     if attributes is None:
-        attributes = cache["attributes"] = _handshake_attributes(connection, settings.policy)
+        attributes = cache["attributes"] = _handshake_attributes(connection, settings.redaction)
     identity = cache.get("identity", False)
     if identity is False:
         identity = None
@@ -250,7 +250,7 @@ def _from_handshake(connection: Connection, settings: RequestSettings) -> Resolu
     return Resolution(connection, identity, attributes, link)
 
 
-def _handshake_attributes(connection: Connection, policy: IdentityPolicy) -> Attributes:
+def _handshake_attributes(connection: Connection, redaction: Redaction) -> Attributes:
     record = connection.record
     assert record is not None
     attributes: Attributes = {
@@ -263,7 +263,7 @@ def _handshake_attributes(connection: Connection, policy: IdentityPolicy) -> Att
     if record.cipher is not None:
         attributes[tls.TLS_CIPHER] = record.cipher
     if record.peer_der is not None:
-        attributes.update(record_certificate_attributes(record, policy, peer_is_client=True))
+        attributes.update(record_certificate_attributes(record, redaction, peer_is_client=True))
     return attributes
 
 
@@ -283,7 +283,7 @@ def _from_proxy(
         )
     pem = der_to_pem(proxied.leaf_der) if proxied.leaf_der is not None else None
     attributes: Attributes = {
-        **info_attributes(certificate, True, settings.policy),
+        **info_attributes(certificate, True, settings.redaction),
         TLS_CLIENT_IDENTITY_SOURCE: source,
     }
     resolution = Resolution(connection, ClientIdentity(certificate, pem, source), attributes)
@@ -296,7 +296,7 @@ def _from_extension(leaf: bytes, settings: RequestSettings) -> Resolution:
     """Resolve the identity a server put in the ASGI TLS extension itself."""
     certificate = parse_certificate(leaf)
     attributes: Attributes = {
-        **info_attributes(certificate, True, settings.policy),
+        **info_attributes(certificate, True, settings.redaction),
         TLS_CLIENT_IDENTITY_SOURCE: SOURCE_ASGI_EXTENSION,
         TLS_CLIENT_VERIFY_RESULT: VERIFY_RESULT_SUCCESS,
     }
@@ -305,7 +305,7 @@ def _from_extension(leaf: bytes, settings: RequestSettings) -> Resolution:
 
 
 def _decide(resolution: Resolution, settings: RequestSettings) -> Decision:
-    """Apply the identity policy, once per connection when the identity is the connection's."""
+    """Apply the identity redaction, once per connection when the identity is the connection's."""
     identity = resolution.identity
     connection = resolution.connection
     from_handshake = identity is None or identity.source == SOURCE_HANDSHAKE

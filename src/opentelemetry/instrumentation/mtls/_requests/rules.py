@@ -38,7 +38,7 @@ Decisions are a pure function of their inputs, so callers may cache them (for in
 certificate fingerprint).  Reasons name only CA-level values (issuer DN, CA fingerprint,
 trust domain) and configured patterns, never the client's subject, SANs or SPIFFE path, so
 they are safe to log whatever the identity mode.  Pass the parser's ``CertificateInfo``,
-not one whose identities :class:`IdentityPolicy` has hashed: hashes match no rule.
+not one whose identities :class:`Redaction` has hashed: hashes match no rule.
 
 Invalid rules (an unparsable DN, a fingerprint that is not 64 hex digits, a malformed trust
 domain, a pattern without a known kind) raise :class:`ValueError` when the rules are built,
@@ -50,6 +50,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -198,23 +199,26 @@ def decide(
     if certificate is None:
         return Decision(False, RULE_NO_CERTIFICATE, "the client presented no certificate")
     compiled = _compile(rules)
+    checks: tuple[tuple[bool, str, Callable[[], tuple[bool, str]]], ...] = (
+        (
+            bool(rules.allowed_issuers),
+            RULE_ISSUER,
+            lambda: _check_issuer(compiled, certificate, issuer_sha256),
+        ),
+        (
+            bool(rules.spiffe_trust_domains),
+            RULE_SPIFFE_TRUST_DOMAIN,
+            lambda: _check_trust_domain(compiled, certificate),
+        ),
+        (bool(rules.san_patterns), RULE_SAN_PATTERN, lambda: _check_san(compiled, certificate)),
+    )
     passed: list[str] = []
     rule = RULE_NO_POLICY
-    if rules.allowed_issuers:
-        rule = RULE_ISSUER
-        allowed, reason = _check_issuer(compiled, certificate, issuer_sha256)
-        if not allowed:
-            return Decision(False, rule, reason)
-        passed.append(reason)
-    if rules.spiffe_trust_domains:
-        rule = RULE_SPIFFE_TRUST_DOMAIN
-        allowed, reason = _check_trust_domain(compiled, certificate)
-        if not allowed:
-            return Decision(False, rule, reason)
-        passed.append(reason)
-    if rules.san_patterns:
-        rule = RULE_SAN_PATTERN
-        allowed, reason = _check_san(compiled, certificate)
+    for configured, kind, check in checks:
+        if not configured:
+            continue
+        rule = kind
+        allowed, reason = check()
         if not allowed:
             return Decision(False, rule, reason)
         passed.append(reason)

@@ -1,6 +1,6 @@
 """Certificates whose time left is observed: this process's own, and recent peers'.
 
-Certificate names follow the identity policy (plain, hashed, omitted), as everywhere.
+Certificate names follow the identity mode (plain, hashed, omitted), as everywhere.
 
 Local certificates are captured where the process loads them
 (``SSLContext.load_cert_chain``); peer certificates from successful handshakes. Peers
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, OMIT, IdentityPolicy
+from opentelemetry.instrumentation.mtls._redaction import NO_REDACTION, OMIT, Redaction
 from opentelemetry.instrumentation.mtls._signals import audit as _audit
 from opentelemetry.instrumentation.mtls._x509 import CertificateInfo
 from opentelemetry.instrumentation.mtls.attributes import (
@@ -37,9 +37,9 @@ class CertificateExpiry:
     """The certificates that ``tls.certificate.time_left`` reports."""
 
     def __init__(
-        self, *, peer_limit: int, warning_window_s: float, policy: IdentityPolicy = DEFAULT_POLICY
+        self, *, peer_limit: int, warning_window_s: float, redaction: Redaction = NO_REDACTION
     ) -> None:
-        self._policy = policy
+        self._redaction = redaction
         self._peer_limit = peer_limit
         self._warning_window_s = warning_window_s
         self._local: dict[str, CertificateInfo] = {}
@@ -84,7 +84,7 @@ class CertificateExpiry:
         for role, infos in ((CERTIFICATE_ROLE_LOCAL, local), (CERTIFICATE_ROLE_PEER, peers)):
             if not infos:
                 continue
-            if self._policy.mode == OMIT:
+            if self._redaction.mode == OMIT:
                 # No attribute may tell certificates apart: report the one closest to expiry.
                 soonest = min(info.not_after_timestamp or now for info in infos)
                 observations.append(Observation(soonest - now, {TLS_CERTIFICATE_ROLE: role}))
@@ -92,7 +92,7 @@ class CertificateExpiry:
             observations += [
                 Observation(
                     (info.not_after_timestamp or now) - now,
-                    _attributes(self._policy.apply(info), role),
+                    _attributes(self._redaction.apply(info), role),
                 )
                 for info in infos
             ]
@@ -108,7 +108,7 @@ class CertificateExpiry:
             self._warned.add(info.sha256)
         days = abs(left) / 86400
         when = f"expires in {days:.1f} days" if left >= 0 else f"expired {days:.1f} days ago"
-        shown = self._policy.apply(info)
+        shown = self._redaction.apply(info)
         name = shown.subject or f"with SHA-256 {info.sha256}"
         _audit.emit(
             logging.WARNING,

@@ -14,7 +14,7 @@ from typing import Final
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import Meter, NoOpMeter
+from opentelemetry.metrics import Meter
 from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
 from opentelemetry.semconv.attributes import (
     client_attributes,
@@ -23,9 +23,8 @@ from opentelemetry.semconv.attributes import (
     server_attributes,
 )
 from opentelemetry.trace import (
-    NoOpTracer,
-    ProxyTracer,
     Span,
+    SpanContext,
     SpanKind,
     Status,
     StatusCode,
@@ -35,10 +34,11 @@ from opentelemetry.util.types import AttributeValue
 
 from opentelemetry.instrumentation.mtls import attributes as names
 from opentelemetry.instrumentation.mtls._config import ExceptionSignals, MTLSConfig
-from opentelemetry.instrumentation.mtls._redaction import DEFAULT_POLICY, IdentityPolicy
+from opentelemetry.instrumentation.mtls._redaction import NO_REDACTION, Redaction
 from opentelemetry.instrumentation.mtls._signals import audit as _audit
 from opentelemetry.instrumentation.mtls._signals.expiry import CertificateExpiry
 from opentelemetry.instrumentation.mtls._signals.metrics import Instruments
+from opentelemetry.instrumentation.mtls._signals.providers import Providers
 from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord
 from opentelemetry.instrumentation.mtls._x509 import (
     CertificateInfo,
@@ -116,6 +116,26 @@ class _PeerNames:
         )
 
 
+# Values recorded when known, by the name they share on the certificate (or record) and
+# on _PeerNames; and the session's, with their attribute names.
+_CERTIFICATE_FIELDS: Final = (
+    "subject",
+    "issuer",
+    "not_before",
+    "not_after",
+    "serial_number",
+    "common_name",
+    "spiffe_id",
+    "parse_error",
+)
+_VERIFY_FIELDS: Final = ("verify_result", "verify_code", "verify_message")
+_SESSION_FIELDS: Final = (
+    (tls.TLS_PROTOCOL_VERSION, "protocol_version"),
+    (tls.TLS_CIPHER, "cipher"),
+    (tls.TLS_NEXT_PROTOCOL, "next_protocol"),
+    (tls.TLS_CLIENT_SERVER_NAME, "server_name"),
+)
+
 CLIENT_PEER: Final = _PeerNames(client=True)
 """Names for the peer of a server: the client."""
 SERVER_PEER: Final = _PeerNames(client=False)
@@ -124,50 +144,41 @@ SERVER_PEER: Final = _PeerNames(client=False)
 
 @lru_cache(maxsize=4096)
 def certificate_attributes(
-    der: bytes, peer_is_client: bool, policy: IdentityPolicy = DEFAULT_POLICY
+    der: bytes, peer_is_client: bool, redaction: Redaction = NO_REDACTION
 ) -> Mapping[str, AttributeValue]:
     """Return the attributes of one peer certificate in one role; cached, never mutate."""
-    return info_attributes(parse_certificate(der), peer_is_client, policy)
+    return info_attributes(parse_certificate(der), peer_is_client, redaction)
 
 
 def info_attributes(
-    info: CertificateInfo, peer_is_client: bool, policy: IdentityPolicy = DEFAULT_POLICY
+    info: CertificateInfo, peer_is_client: bool, redaction: Redaction = NO_REDACTION
 ) -> Attributes:
     """Return the attributes of a parsed peer certificate, as the identity policy allows."""
-    info = policy.apply(info)
+    info = redaction.apply(info)
     n = CLIENT_PEER if peer_is_client else SERVER_PEER
     attrs: Attributes = {n.hash_sha256: info.sha256}
-    optional: tuple[tuple[str, str | None], ...] = (
-        (n.subject, info.subject),
-        (n.issuer, info.issuer),
-        (n.not_before, info.not_before),
-        (n.not_after, info.not_after),
-        (n.serial_number, info.serial_number),
-        (n.common_name, info.common_name),
-        (n.spiffe_id, info.spiffe_id),
-        (n.parse_error, info.parse_error),
-    )
-    for key, value in optional:
+    for name in _CERTIFICATE_FIELDS:
+        value = getattr(info, name)
         if value is not None:
-            attrs[key] = value
+            attrs[getattr(n, name)] = value
     if info.alternative_names:
         attrs[n.alternative_names] = info.alternative_names
     return attrs
 
 
 def record_certificate_attributes(
-    record: HandshakeRecord, policy: IdentityPolicy = DEFAULT_POLICY, *, peer_is_client: bool
+    record: HandshakeRecord, redaction: Redaction = NO_REDACTION, *, peer_is_client: bool
 ) -> Mapping[str, AttributeValue]:
     """Return the peer certificate's attributes of a record (which has a peer DER)."""
     info = record.peer_certificate
     if info is not None and info.parse_error is not None:
         # Completed from OpenSSL's view (see _handshake): not the cached parse.
-        return info_attributes(info, peer_is_client, policy)
-    return certificate_attributes(record.peer_der or b"", peer_is_client, policy)
+        return info_attributes(info, peer_is_client, redaction)
+    return certificate_attributes(record.peer_der or b"", peer_is_client, redaction)
 
 
 def handshake_attributes(
-    record: HandshakeRecord, config: MTLSConfig, policy: IdentityPolicy = DEFAULT_POLICY
+    record: HandshakeRecord, config: MTLSConfig, redaction: Redaction = NO_REDACTION
 ) -> Attributes:
     """Return every attribute of a handshake span for one record."""
     peer = CLIENT_PEER if record.server_side else SERVER_PEER
@@ -176,14 +187,10 @@ def handshake_attributes(
         tls.TLS_ESTABLISHED: record.error is None,
         tls.TLS_RESUMED: record.resumed,
     }
-    if record.protocol_version is not None:
-        attrs[tls.TLS_PROTOCOL_VERSION] = record.protocol_version
-    if record.cipher is not None:
-        attrs[tls.TLS_CIPHER] = record.cipher
-    if record.next_protocol is not None:
-        attrs[tls.TLS_NEXT_PROTOCOL] = record.next_protocol
-    if record.server_name is not None:
-        attrs[tls.TLS_CLIENT_SERVER_NAME] = record.server_name
+    for key, name in _SESSION_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            attrs[key] = value
     server, client = (
         (record.local_address, record.peer_address)
         if record.server_side
@@ -197,10 +204,10 @@ def handshake_attributes(
         attrs[client_attributes.CLIENT_PORT] = client[1]
     if record.peer_der is not None:
         attrs.update(
-            record_certificate_attributes(record, policy, peer_is_client=record.server_side)
+            record_certificate_attributes(record, redaction, peer_is_client=record.server_side)
         )
         # A PEM certificate names its subject: recorded in plain mode only.
-        show_pem = policy.shows_certificate
+        show_pem = redaction.shows_certificate
         if show_pem and config.capture_certificate:
             attrs[peer.certificate] = der_to_pem(record.peer_der)
         if record.peer_chain:
@@ -209,12 +216,10 @@ def handshake_attributes(
             ]
             if show_pem and config.capture_certificate_chain:
                 attrs[peer.certificate_chain] = [der_to_pem(der) for der in record.peer_chain]
-    if record.verify_result is not None:
-        attrs[peer.verify_result] = record.verify_result
-    if record.verify_code is not None:
-        attrs[peer.verify_code] = record.verify_code
-    if record.verify_message is not None:
-        attrs[peer.verify_message] = record.verify_message
+    for name in _VERIFY_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            attrs[getattr(peer, name)] = value
     if record.error_type is not None:
         attrs[error_attributes.ERROR_TYPE] = record.error_type
     return attrs
@@ -228,23 +233,18 @@ class HandshakeTelemetry:
         tracer: Tracer,
         meter: Meter,
         config: MTLSConfig,
+        providers: Providers,
         exceptions: ExceptionSignals = ExceptionSignals(),  # noqa: B008  # frozen
     ) -> None:
         self._tracer = tracer
         self._config = config
+        self._providers = providers
         self._exceptions = exceptions
-        self.policy = config.identity_policy()
-        # The global tracer and meter are proxies that start recording once an SDK
-        # provider is set, which may happen after instrument(): ask them every time.
-        self._proxy = tracer if isinstance(tracer, ProxyTracer) else None
-        self._tracing = not isinstance(tracer, NoOpTracer)
-        # Like the tracer: an SDK meter records; the global proxy does once one is set.
-        self._meter_proxy = meter if hasattr(meter, "_real_meter") else None
-        self._metering = self._meter_proxy is None and _meter_recording(meter)
+        self.redaction = config.redaction()
         self.expiry = CertificateExpiry(
             peer_limit=config.peer_certificate_limit,
             warning_window_s=config.expiry_warning_days * 86400,
-            policy=self.policy,
+            redaction=self.redaction,
         )
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
@@ -256,21 +256,15 @@ class HandshakeTelemetry:
 
         With the API alone spans and metrics are no-ops, so the hooks skip building
         records for successes; failures are still recorded for the security-event logs.
-        This runs on every entry into a handshake: a few attribute reads.
+        This runs on every entry into a handshake.
         """
-        proxy = self._proxy
-        if proxy is None:
-            if self._tracing:
-                return True
-        elif not isinstance(proxy._tracer, NoOpTracer):
-            return True
-        if self._metering or self._config.log_success:
-            return True
-        meter_proxy = self._meter_proxy
-        return meter_proxy is not None and _meter_recording(meter_proxy)
+        return self._config.log_success or self._providers.recording()
 
-    def emit(self, record: HandshakeRecord) -> None:
-        """Emit the span, the metrics and, for failures, the log record of one attempt."""
+    def emit(self, record: HandshakeRecord) -> SpanContext | None:
+        """Emit the span, the metrics and, for failures, the log record of one attempt.
+
+        Returns the span's context when it records: a connection's requests link to it.
+        """
         parent: Context | None
         if record.server_side:
             name, parent, histogram = SERVER_SPAN_NAME, _ROOT, self.instruments.server_duration
@@ -287,9 +281,10 @@ class HandshakeTelemetry:
         )
         attributes: Attributes | None = None
         error = record.error
+        span_context: SpanContext | None = None
         if span.is_recording():
-            record.span_context = span.get_span_context()
-            attributes = handshake_attributes(record, self._config, self.policy)
+            span_context = span.get_span_context()
+            attributes = handshake_attributes(record, self._config, self.redaction)
             span.set_attributes(attributes)
             if error is not None:
                 message = str(error)
@@ -306,6 +301,7 @@ class HandshakeTelemetry:
         if error is not None or self._config.log_success:
             self._log(record, span, attributes)
         span.end(end_time=record.end_ns)
+        return span_context
 
     def _duration_attributes(self, record: HandshakeRecord) -> Attributes:
         key = (record.protocol_version, record.resumed, record.error_type)
@@ -342,7 +338,7 @@ class HandshakeTelemetry:
             event = _audit.HANDSHAKE_FAILED
             message = f"TLS {side} handshake failed{where}: {record.error_type} ({record.error})"
         if attributes is None:
-            attributes = handshake_attributes(record, self._config, self.policy)
+            attributes = handshake_attributes(record, self._config, self.redaction)
         if record.error is not None and self._exceptions.log_record:
             attributes = {**attributes, **_exception_attributes(record.error)}
         token = context.attach(trace.set_span_in_context(span))
@@ -366,7 +362,7 @@ class HandshakeTelemetry:
         admitted = self.limiter.admit((_audit.PEER_REJECTED, peer[0] if peer else None, error_type))
         if admitted is None:
             return
-        fields = {**handshake_attributes(record, self._config, self.policy), **attributes}
+        fields = {**handshake_attributes(record, self._config, self.redaction), **attributes}
         where = f" {peer[0]}:{peer[1]}" if peer else ""
         _audit.emit(
             logging.WARNING,
@@ -376,14 +372,6 @@ class HandshakeTelemetry:
             fields,
             suppressed=admitted,
         )
-
-
-def _meter_recording(meter: Meter) -> bool:
-    """Whether a meter is an SDK meter, directly or behind the global proxy."""
-    if isinstance(meter, NoOpMeter):
-        return False
-    real = getattr(meter, "_real_meter", meter)
-    return real is not None and not isinstance(real, NoOpMeter)
 
 
 def _exception_attributes(error: BaseException) -> Attributes:

@@ -27,6 +27,7 @@ import ssl
 import weakref
 from asyncio.events import _get_running_loop
 from collections import deque
+from collections.abc import Callable
 from time import time_ns
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ from opentelemetry.instrumentation.mtls._ssl.record import (
     SSLEndpoint,
     fill_failure,
     fill_success,
+    socket_address,
 )
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -234,7 +236,7 @@ class SSLHooks:
                 self._telemetry.emit(attempt)
                 return
             fill_success(attempt, endpoint, capture_chain=self._capture_chain)
-            self._telemetry.emit(attempt)
+            attempt.span_context = self._telemetry.emit(attempt)
             if attempt.server_side:
                 # For the requests of this connection (see connection_record).
                 endpoint.__dict__[_RECORD] = attempt
@@ -316,8 +318,8 @@ class SSLHooks:
             ):
                 attempt = self._begin(sslobj)
                 if attempt is not None:
-                    attempt.local_address = _address(transport.get_extra_info("sockname"))
-                    attempt.peer_address = _address(transport.get_extra_info("peername"))
+                    attempt.local_address = socket_address(transport.get_extra_info("sockname"))
+                    attempt.peer_address = socket_address(transport.get_extra_info("peername"))
                     attempt.loop = protocol._loop
                     sslobj.__dict__[_PENDING] = attempt
         except Exception as exc:
@@ -366,12 +368,7 @@ class SSLHooks:
         def eof_received(self: Any) -> Any:
             # The peer closed first; before any data that is how a server that sends no
             # alert rejects us. (Python 3.13 then shuts down from this side too.)
-            try:
-                sslobj = getattr(self, "_sslobj", None)
-                if sslobj is not None:
-                    _peer_rejection.connection_lost(sslobj)
-            except Exception as exc:
-                _failsafe.report("watching for a late rejection", exc)
+            _on_ssl_object(self, _peer_rejection.connection_lost)
             return original(self)
 
         return eof_received
@@ -379,12 +376,7 @@ class SSLHooks:
     def _protocol_start_shutdown(self, original: Method) -> Method:
         def _start_shutdown(self: Any) -> None:
             # This side closes: the connection's end is no rejection by the server.
-            try:
-                sslobj = getattr(self, "_sslobj", None)
-                if sslobj is not None:
-                    _peer_rejection.stop_watching(sslobj)
-            except Exception as exc:
-                _failsafe.report("watching for a late rejection", exc)
+            _on_ssl_object(self, _peer_rejection.stop_watching)
             original(self)
 
         return _start_shutdown
@@ -438,18 +430,19 @@ def connection_record(sslobj: ssl.SSLObject) -> HandshakeRecord:
     return record
 
 
-def _address(value: object) -> Address | None:
-    """Return (host, port) of an IP socket address; None for anything else."""
-    if isinstance(value, tuple) and len(value) >= 2:
-        host, port = value[0], value[1]
-        if isinstance(host, str) and isinstance(port, int):
-            return host, port
-    return None
+def _on_ssl_object(protocol: Any, action: Callable[[ssl.SSLObject], None]) -> None:
+    """Tell the late-rejection watch about an asyncio SSL protocol's ssl object."""
+    try:
+        sslobj = getattr(protocol, "_sslobj", None)
+        if sslobj is not None:
+            action(sslobj)
+    except Exception as exc:
+        _failsafe.report("watching for a late rejection", exc)
 
 
 def _socket_addresses(sock: ssl.SSLSocket) -> tuple[Address | None, Address | None]:
     try:
-        return _address(sock.getsockname()), _address(sock.getpeername())
+        return socket_address(sock.getsockname()), socket_address(sock.getpeername())
     except OSError:
         # Not connected any more, or never was: a failure on a closed socket.
         return None, None

@@ -32,6 +32,15 @@ Address = tuple[str, int]
 SSLEndpoint = ssl.SSLSocket | ssl.SSLObject
 
 
+def socket_address(value: object) -> Address | None:
+    """Return (host, port) of an IP socket address; None for anything else."""
+    if isinstance(value, tuple) and len(value) >= 2:
+        host, port = value[0], value[1]
+        if isinstance(host, str) and isinstance(port, int):
+            return host, port
+    return None
+
+
 @dataclass(slots=True)
 class HandshakeRecord:
     """One handshake attempt on one side, from its first entry to its outcome."""
@@ -57,12 +66,7 @@ class HandshakeRecord:
     verify_code: int | None = None
     verify_message: str | None = None
     span_context: SpanContext | None = None
-    """The handshake span's context, for request spans to link to (set when emitted)."""
-
-    @property
-    def established(self) -> bool:
-        """Whether the handshake succeeded."""
-        return self.error is None
+    """The handshake span's context, for request spans to link to (kept by the hooks)."""
 
 
 def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chain: bool) -> None:

@@ -3,8 +3,8 @@
 ``SSLSocket.version()`` and ``SSLSocket.cipher()`` speak OpenSSL ("TLSv1.2",
 "ECDHE-RSA-AES128-GCM-SHA256"), while the ``tls.*`` semantic conventions want
 the bare version number and the IANA cipher suite name, and the ASGI TLS
-extension wants the wire code points. These helpers run on every handshake, so
-each one is a single dict look-up against tables built at import time.
+extension wants the wire code points. These tables are read on every handshake, so
+each value is a single dict look-up against tables built at import time.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CIPHER_SUITES",
     "IANA_CIPHER_NAMES",
     "PROTOCOL_VERSIONS",
     "iana_cipher_code",
-    "iana_cipher_name",
-    "protocol_name",
-    "protocol_version",
-    "protocol_version_code",
     "version_code",
 ]
 
@@ -27,7 +24,7 @@ __all__ = [
 # `openssl ciphers -V -stdname 'ALL:COMPLEMENTOFALL'` (OpenSSL 3.0) plus the two
 # TLS 1.3 CCM suites OpenSSL supports but does not enable by default. Every TLS
 # 1.3 suite's OpenSSL name is already its IANA name. Sorted by code point.
-_CIPHER_SUITES: Final[dict[str, tuple[str, int]]] = {
+CIPHER_SUITES: Final[dict[str, tuple[str, int]]] = {
     "NULL-MD5": ("TLS_RSA_WITH_NULL_MD5", 0x0001),
     "NULL-SHA": ("TLS_RSA_WITH_NULL_SHA", 0x0002),
     "PSK-NULL-SHA": ("TLS_PSK_WITH_NULL_SHA", 0x002C),
@@ -190,15 +187,15 @@ _CIPHER_SUITES: Final[dict[str, tuple[str, int]]] = {
     "RSA-PSK-CHACHA20-POLY1305": ("TLS_RSA_PSK_WITH_CHACHA20_POLY1305_SHA256", 0xCCAE),
 }
 
-_IANA_NAME: Final[dict[str, str]] = {openssl: iana for openssl, (iana, _) in _CIPHER_SUITES.items()}
+_IANA_NAME: Final[dict[str, str]] = {openssl: iana for openssl, (iana, _) in CIPHER_SUITES.items()}
 # Also keyed by IANA name, so a name that was already normalised still has a code.
 _IANA_CODE: Final[dict[str, int]] = {
-    **{iana: code for iana, code in _CIPHER_SUITES.values()},
-    **{openssl: code for openssl, (_, code) in _CIPHER_SUITES.items()},
+    **{iana: code for iana, code in CIPHER_SUITES.values()},
+    **{openssl: code for openssl, (_, code) in CIPHER_SUITES.items()},
 }
 
-# What SSLSocket.version() / SSLObject.version() return -> (tls.protocol.name,
-# tls.protocol.version, wire version for the ASGI extension's tls_version).
+# What SSLSocket.version() / SSLObject.version() return -> (protocol name, tls.protocol.version,
+# wire version for the ASGI extension's tls_version).
 _PROTOCOLS: Final[dict[str, tuple[str, str, int]]] = {
     "SSLv3": ("ssl", "3", 0x0300),
     "TLSv1": ("tls", "1.0", 0x0301),
@@ -206,49 +203,20 @@ _PROTOCOLS: Final[dict[str, tuple[str, str, int]]] = {
     "TLSv1.2": ("tls", "1.2", 0x0303),
     "TLSv1.3": ("tls", "1.3", 0x0304),
 }
-_PROTOCOL_NAME: Final[dict[str, str]] = {k: v[0] for k, v in _PROTOCOLS.items()}
 _PROTOCOL_VERSION: Final[dict[str, str]] = {k: v[1] for k, v in _PROTOCOLS.items()}
-_PROTOCOL_CODE: Final[dict[str, int]] = {k: v[2] for k, v in _PROTOCOLS.items()}
-
 
 PROTOCOL_VERSIONS: Final = _PROTOCOL_VERSION
-"""``version()`` -> bare version, the table behind :func:`protocol_version` (for hot paths)."""
+"""``version()`` (e.g. ``'TLSv1.3'``) -> ``tls.protocol.version`` (``'1.3'``)."""
 
 IANA_CIPHER_NAMES: Final = _IANA_NAME
-"""OpenSSL cipher name -> IANA name, the table behind :func:`iana_cipher_name`."""
-
-
-def protocol_version(ssl_version: str | None) -> str | None:
-    """Map ``SSLSocket.version()`` (e.g. ``'TLSv1.3'``) to ``tls.protocol.version`` (``'1.3'``)."""
-    if ssl_version is None:
-        return None
-    return _PROTOCOL_VERSION.get(ssl_version)
-
-
-def protocol_name(ssl_version: str | None) -> str | None:
-    """Map ``SSLSocket.version()`` to ``tls.protocol.name``: ``'tls'``, ``'ssl'`` or None."""
-    if ssl_version is None:
-        return None
-    return _PROTOCOL_NAME.get(ssl_version)
-
-
-def protocol_version_code(ssl_version: str | None) -> int | None:
-    """Map ``SSLSocket.version()`` to the wire version (``'TLSv1.3'`` -> ``0x0304``) or None."""
-    if ssl_version is None:
-        return None
-    return _PROTOCOL_CODE.get(ssl_version)
-
-
-def iana_cipher_name(openssl_name: str) -> str:
-    """Map an OpenSSL cipher name to its IANA name; unknown names are returned unchanged."""
-    return _IANA_NAME.get(openssl_name, openssl_name)
+"""OpenSSL cipher name -> IANA name; a name not in it is already IANA's, or unknown."""
 
 
 _VERSION_CODE: Final[dict[str, int]] = {v[1]: v[2] for v in _PROTOCOLS.values()}
 
 
 def version_code(bare_version: str | None) -> int | None:
-    """Map a bare version as :func:`protocol_version` returns it (``'1.3'``) to its wire code."""
+    """Map a bare version (``'1.3'``, as in :data:`PROTOCOL_VERSIONS`) to its wire code."""
     return _VERSION_CODE.get(bare_version) if bare_version is not None else None
 
 
