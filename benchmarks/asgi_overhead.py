@@ -10,10 +10,11 @@ Before anything is timed, ONE connection is made current (``CURRENT``, the conte
 variable that a followed server's protocol callbacks set, and that every request task
 inherits), built as the ssl hooks and ``ServerConnections.describe`` build it: from a
 real TLS 1.3 mutual-TLS handshake (ECDSA P-256 on both sides, over memory BIOs), its
-record linked to a real SDK span, as if that span were the connection's ``TLS server handshake`` span. Every request
-is thus a keep-alive request on a known connection: the steady state that the target
-is about (the first request of a connection also derives and caches its attributes and
-TLS extension; that one-off cost is not measured here).
+record linked to a real SDK span, as if that span were the connection's
+``TLS server handshake`` span. Every request is thus a keep-alive request on a known
+connection: the steady state that the target is about (the first request of a
+connection also derives and caches its attributes and TLS extension; that one-off cost
+is not measured here).
 
 Variants:
 

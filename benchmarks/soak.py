@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from opentelemetry.instrumentation.mtls._cli.demo import uvicorn_thread
 
-_REGISTRY = "live connections (live_connections())"
+_REGISTRY = "live connections"
 
 
 def bad_client(

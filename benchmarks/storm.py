@@ -69,13 +69,12 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
 from opentelemetry.instrumentation.mtls._cli.demo import uvicorn_thread
 from opentelemetry.instrumentation.mtls._cli.pki import Authority, Leaf
-from opentelemetry.instrumentation.mtls._requests.connection import live_connections
+from opentelemetry.instrumentation.mtls._diagnostics import bounded_state
 from opentelemetry.instrumentation.mtls._signals.audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
-    RateLimiter,
 )
-from opentelemetry.instrumentation.mtls._x509 import CACHE_SIZE, parse_certificate
+from opentelemetry.instrumentation.mtls._x509 import CACHE_SIZE
 
 KINDS: Final[dict[str, str]] = {
     "untrusted": "certificate_authority_invalid",
@@ -530,22 +529,8 @@ class CountingExporter(SpanExporter):
 
 
 def internals() -> dict[str, int]:
-    """Sizes of the package's bounded state: registry, rate limiter, peers, cache.
-
-    Reads private state while the instrumentation is on; the rate limiter is found by
-    type, as its attribute's name is nobody's contract.
-    """
-    hooks = MTLSInstrumentor._hooks
-    if hooks is None:
-        return {}
-    telemetry = hooks._telemetry
-    limiters = [v for v in vars(telemetry).values() if isinstance(v, RateLimiter)]
-    return {
-        "live connections (live_connections())": live_connections(),
-        "audit rate limiter keys": sum(len(limiter) for limiter in limiters),
-        "peer certificates observed": telemetry.expiry.peer_count(),
-        "certificate parse cache": parse_certificate.cache_info().currsize,
-    }
+    """Sizes of the package's bounded state: connections, rate limiter, peers, cache."""
+    return bounded_state()
 
 
 def rss_mb() -> float:

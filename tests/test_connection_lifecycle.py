@@ -163,10 +163,10 @@ def test_recv_zero_is_no_rejection(pki: PKI, caplog: pytest.LogCaptureFixture) -
 
 
 def test_our_failure_reports_stay_bounded() -> None:
-    _failsafe._reported.clear()
+    _failsafe.reset()
     try:
         for i in range(1000):
             _failsafe.report("a test", ValueError(f"message {i} naming 10.0.0.{i % 250}"))
-        assert len(_failsafe._reported) == _failsafe._MAX_DISTINCT
+        assert _failsafe.reported() == _failsafe.MAX_DISTINCT
     finally:
-        _failsafe._reported.clear()
+        _failsafe.reset()

@@ -111,7 +111,7 @@ def test_api_only_without_sdk_changes_nothing(pki: PKI) -> None:
 
 @pytest.fixture
 def our_warnings(caplog: pytest.LogCaptureFixture) -> Any:
-    _failsafe._reported.clear()
+    _failsafe.reset()
     caplog.set_level(logging.DEBUG, logger="opentelemetry.instrumentation.mtls")
 
     def warnings() -> list[logging.LogRecord]:
@@ -122,7 +122,7 @@ def our_warnings(caplog: pytest.LogCaptureFixture) -> Any:
         ]
 
     yield warnings
-    _failsafe._reported.clear()
+    _failsafe.reset()
 
 
 @pytest.mark.usefixtures("instrumented")

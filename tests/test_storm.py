@@ -35,13 +35,19 @@ from opentelemetry.trace import SpanKind
 
 from conftest import PKI, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
+from opentelemetry.instrumentation.mtls._diagnostics import (
+    AUDIT_KEYS,
+    LIVE_CONNECTIONS,
+    PARSE_CACHE,
+    PEER_CERTIFICATES,
+    bounded_state,
+)
 from opentelemetry.instrumentation.mtls._requests.connection import live_connections
 from opentelemetry.instrumentation.mtls._signals.audit import (
     AUDIT_LOGGER_NAME,
     HANDSHAKE_FAILED,
-    RateLimiter,
 )
-from opentelemetry.instrumentation.mtls._x509 import CACHE_SIZE, parse_certificate
+from opentelemetry.instrumentation.mtls._x509 import CACHE_SIZE
 from pki import Leaf
 from servers import identity_app, uvicorn_server
 
@@ -266,12 +272,6 @@ def settled(reader: InMemoryMetricReader, expected: Counter[str]) -> Counter[str
     return failed
 
 
-def rate_limiter(telemetry: object) -> RateLimiter:
-    """The audit log's rate limiter (found by type: its attribute name is private)."""
-    (limiter,) = [v for v in vars(telemetry).values() if isinstance(v, RateLimiter)]
-    return limiter
-
-
 def check_requests(
     exporter: InMemorySpanExporter, answers: dict[str, Any], handshakes: list[ReadableSpan]
 ) -> None:
@@ -369,10 +369,9 @@ def test_storm_is_counted_exactly_while_good_clients_keep_their_identity(
     check_audit_log(failed, sent)
 
     # The registries: drained once the clients are gone and the server stopped, or bounded.
-    hooks = MTLSInstrumentor._hooks
-    assert hooks is not None
     gc.collect()
-    assert live_connections() == 0
-    assert len(rate_limiter(hooks._telemetry)) == len(KINDS)  # (127.0.0.1, reason) each
-    assert hooks._telemetry.expiry.peer_count() == PEER_CERTIFICATE_LIMIT
-    assert parse_certificate.cache_info().currsize <= CACHE_SIZE
+    state = bounded_state()
+    assert state[LIVE_CONNECTIONS] == 0
+    assert state[AUDIT_KEYS] == len(KINDS)  # (127.0.0.1, reason) each
+    assert state[PEER_CERTIFICATES] == PEER_CERTIFICATE_LIMIT
+    assert state[PARSE_CACHE] <= CACHE_SIZE

@@ -36,6 +36,7 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
     BaseInstrumentor,
 )
 
+from opentelemetry.instrumentation.mtls import _diagnostics
 from opentelemetry.instrumentation.mtls._config import ExceptionSignals, MTLSConfig
 from opentelemetry.instrumentation.mtls._patch import Patches
 from opentelemetry.instrumentation.mtls._requests import identity as _identity
@@ -110,9 +111,11 @@ class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         local = _install_local_certificates(telemetry, patches)
         cls._connections = _install_connections(config, local, patches)
         _install_requests(config, telemetry, patches)
+        _diagnostics.watch(telemetry)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         cls = type(self)
+        _diagnostics.watch(None)
         _restore_requests()
         if cls._patches is not None:
             cls._patches.restore()
@@ -168,7 +171,7 @@ def _install_requests(config: MTLSConfig, telemetry: HandshakeTelemetry, patches
             enforce=config.enforce_identity_policy,
             redaction=telemetry.redaction,
             decisions=telemetry.instruments.identity_decisions,
-            limiter=telemetry.limiter,
+            audit=telemetry.audit,
             revocation_enforce=config.revocation == "enforce",
             revocation_timeout=config.revocation_timeout,
             revocation_checks=telemetry.instruments.revocation_checks,

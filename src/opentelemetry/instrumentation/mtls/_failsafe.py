@@ -15,7 +15,8 @@ from typing import Final
 
 logger = logging.getLogger("opentelemetry.instrumentation.mtls")
 
-_MAX_DISTINCT: Final = 10
+MAX_DISTINCT: Final = 10
+"""Distinct failures logged as warnings; past these, every failure is a debug record."""
 _reported: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 
@@ -24,7 +25,7 @@ def report(where: str, exc: BaseException) -> None:
     """Log the first occurrence of a failure of our code; later ones at debug level."""
     key = (type(exc).__qualname__, str(exc))
     with _lock:
-        first = key not in _reported and len(_reported) < _MAX_DISTINCT
+        first = key not in _reported and len(_reported) < MAX_DISTINCT
         if first:  # bounded: messages may carry addresses, so keys are unbounded
             _reported.add(key)
     if first:
@@ -36,3 +37,14 @@ def report(where: str, exc: BaseException) -> None:
         )
     else:
         logger.debug("opentelemetry-instrumentation-mtls failed in %s", where, exc_info=exc)
+
+
+def reported() -> int:
+    """Return how many distinct failures have been reported (for tests)."""
+    return len(_reported)
+
+
+def reset() -> None:
+    """Forget the failures reported so far, so the next of each warns again (for tests)."""
+    with _lock:
+        _reported.clear()

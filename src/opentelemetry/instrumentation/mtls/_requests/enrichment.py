@@ -66,27 +66,24 @@ def record_decision(
         span.add_event(DECISION_EVENT, attributes)
     if settings.decisions is not None:
         settings.decisions.add(1, attributes)
-    if decision.allowed or not _audit.audit_logger.isEnabledFor(logging.WARNING):
+    if decision.allowed or settings.audit is None:
         return
     peer = resolution.peer
-    suppressed = settings.limiter.admit((_audit.IDENTITY_DENIED, peer, decision.rule))
-    if suppressed is None:
-        return
-    fields: Attributes = dict(attributes)
-    if peer is not None:
-        fields[client_attributes.CLIENT_ADDRESS] = peer
-    identity = resolution.identity
-    if identity is not None:
-        fields.update(info_attributes(identity.certificate, True, settings.redaction))
-    # A reason names the identity it judged: shown only where identities may be.
-    reason = decision.reason if settings.redaction.mode == PLAIN else f"rule {decision.rule}"
-    _audit.emit(
-        logging.WARNING,
-        _audit.IDENTITY_DENIED,
-        f"identity policy denied a request from {peer or 'an unknown peer'}: {reason}",
-        fields,
-        suppressed=suppressed,
-    )
+
+    def build() -> tuple[str, Attributes]:
+        fields: Attributes = dict(attributes)
+        if peer is not None:
+            fields[client_attributes.CLIENT_ADDRESS] = peer
+        identity = resolution.identity
+        if identity is not None:
+            fields.update(info_attributes(identity.certificate, True, settings.redaction))
+        # A reason names the identity it judged: shown only where identities may be.
+        reason = decision.reason if settings.redaction.mode == PLAIN else f"rule {decision.rule}"
+        peer_text = peer or "an unknown peer"
+        return f"identity policy denied a request from {peer_text}: {reason}", fields
+
+    key = (peer, decision.rule)
+    settings.audit.write(logging.WARNING, _audit.IDENTITY_DENIED, build, key=key)
 
 
 def record_revocation(span: Span, resolution: Resolution, settings: RequestSettings) -> None:

@@ -29,7 +29,7 @@ from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
     parse_proxy_headers,
 )
 from opentelemetry.instrumentation.mtls._requests.rules import Decision, IdentityRules, decide
-from opentelemetry.instrumentation.mtls._signals.audit import RateLimiter
+from opentelemetry.instrumentation.mtls._signals.audit import AuditLog
 from opentelemetry.instrumentation.mtls._signals.handshake import (
     info_attributes,
     record_certificate_attributes,
@@ -69,7 +69,8 @@ class RequestSettings:
     enforce: bool = False
     redaction: Redaction = NO_REDACTION
     decisions: Counter | None = None
-    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(5))
+    audit: AuditLog | None = None
+    """Where denials are recorded (the instrumentation's audit log)."""
     revocation_enforce: bool = False
     revocation_timeout: float = 2.0
     revocation_checks: Counter | None = None

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import monotonic
 from typing import Final
 
+from opentelemetry import context, trace
+from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 
 from opentelemetry.instrumentation.mtls.attributes import TLS_LOG_SUPPRESSED_COUNT
@@ -88,16 +90,53 @@ class RateLimiter:
         return len(self._windows)
 
 
-def emit(
-    level: int,
-    event_name: str,
-    message: str,
-    fields: Mapping[str, AttributeValue],
-    *,
-    suppressed: int = 0,
-) -> None:
-    """Write one security-event record with ``fields`` as ``extra`` attributes."""
-    extra: dict[str, object] = {EVENT_NAME: event_name, **fields}
-    if suppressed:
-        extra[SUPPRESSED_COUNT] = suppressed
-    audit_logger.log(level, message, extra=extra)
+Build = Callable[[], tuple[str, Mapping[str, AttributeValue]]]
+"""Makes a record's message and fields: called only for records that are written."""
+
+
+class AuditLog:
+    """The one way security-event records are written: level, rate limit, span context.
+
+    Each kind of record is limited per key (its event name and, e.g., the peer address
+    and ``error.type``); records with no key (a local certificate's expiry, opt-in
+    successes) are not limited. A record is built only when it is written.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limiter = RateLimiter(limit)
+
+    def write(
+        self,
+        level: int,
+        event_name: str,
+        build: Build,
+        *,
+        key: tuple[object, ...] | None = None,
+        span: Span | None = None,
+    ) -> None:
+        """Write one record inside ``span``'s context (if given), unless it is held back."""
+        if not audit_logger.isEnabledFor(level):
+            return
+        suppressed = 0
+        if key is not None:
+            admitted = self._limiter.admit((event_name, *key))
+            if admitted is None:
+                return
+            suppressed = admitted
+        message, fields = build()
+        extra: dict[str, object] = {EVENT_NAME: event_name, **fields}
+        if suppressed:
+            extra[SUPPRESSED_COUNT] = suppressed
+        if span is None:
+            audit_logger.log(level, message, extra=extra)
+            return
+        # The OpenTelemetry logging bridge takes trace and span ids from the context.
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            audit_logger.log(level, message, extra=extra)
+        finally:
+            context.detach(token)
+
+    def keys(self) -> int:
+        """Return how many rate-limit keys are remembered (bounded; for the storm tests)."""
+        return len(self._limiter)

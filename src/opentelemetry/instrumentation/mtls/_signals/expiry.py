@@ -37,8 +37,14 @@ class CertificateExpiry:
     """The certificates that ``tls.certificate.time_left`` reports."""
 
     def __init__(
-        self, *, peer_limit: int, warning_window_s: float, redaction: Redaction = NO_REDACTION
+        self,
+        audit: _audit.AuditLog,
+        *,
+        peer_limit: int,
+        warning_window_s: float,
+        redaction: Redaction = NO_REDACTION,
     ) -> None:
+        self._audit = audit
         self._redaction = redaction
         self._peer_limit = peer_limit
         self._warning_window_s = warning_window_s
@@ -110,12 +116,9 @@ class CertificateExpiry:
         when = f"expires in {days:.1f} days" if left >= 0 else f"expired {days:.1f} days ago"
         shown = self._redaction.apply(info)
         name = shown.subject or f"with SHA-256 {info.sha256}"
-        _audit.emit(
-            logging.WARNING,
-            _audit.CERTIFICATE_EXPIRING,
-            f"TLS certificate {name} {when} ({info.not_after})",
-            _attributes(shown, CERTIFICATE_ROLE_LOCAL),
-        )
+        message = f"TLS certificate {name} {when} ({info.not_after})"
+        fields = _attributes(shown, CERTIFICATE_ROLE_LOCAL)
+        self._audit.write(logging.WARNING, _audit.CERTIFICATE_EXPIRING, lambda: (message, fields))
 
 
 def _attributes(info: CertificateInfo, role: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Final
 
-from opentelemetry import context, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.metrics import Meter
 from opentelemetry.semconv._incubating.attributes import tls_attributes as tls
@@ -241,14 +241,16 @@ class HandshakeTelemetry:
         self._providers = providers
         self._exceptions = exceptions
         self.redaction = config.redaction()
+        self.audit = _audit.AuditLog(config.log_rate_limit)
         self.expiry = CertificateExpiry(
+            self.audit,
             peer_limit=config.peer_certificate_limit,
             warning_window_s=config.expiry_warning_days * 86400,
             redaction=self.redaction,
         )
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
-        self.limiter = _audit.RateLimiter(config.log_rate_limit)
+        self.audit = _audit.AuditLog(config.log_rate_limit)
         self._metric_attributes: dict[tuple[object, ...], Attributes] = {}
 
     def recording(self) -> bool:
@@ -318,34 +320,24 @@ class HandshakeTelemetry:
 
     def _log(self, record: HandshakeRecord, span: Span, attributes: Attributes | None) -> None:
         """Write the security-event record of a handshake, inside its span's context."""
-        level = logging.INFO if record.error is None else logging.WARNING
-        if not _audit.audit_logger.isEnabledFor(level):
-            return
         peer = record.peer_address
         side = "server" if record.server_side else "client"
         where = f" with {peer[0]}:{peer[1]}" if peer else ""
-        suppressed = 0
-        if record.error is None:
-            event = _audit.HANDSHAKE_SUCCEEDED
-            message = f"TLS {side} handshake succeeded{where}"
-        else:
-            admitted = self.limiter.admit(
-                (_audit.HANDSHAKE_FAILED, peer[0] if peer else None, record.error_type)
-            )
-            if admitted is None:
-                return
-            suppressed = admitted
-            event = _audit.HANDSHAKE_FAILED
-            message = f"TLS {side} handshake failed{where}: {record.error_type} ({record.error})"
-        if attributes is None:
-            attributes = handshake_attributes(record, self._config, self.redaction)
-        if record.error is not None and self._exceptions.log_record:
-            attributes = {**attributes, **_exception_attributes(record.error)}
-        token = context.attach(trace.set_span_in_context(span))
-        try:
-            _audit.emit(level, event, message, attributes, suppressed=suppressed)
-        finally:
-            context.detach(token)
+        error = record.error
+
+        def build() -> tuple[str, Attributes]:
+            fields = attributes or handshake_attributes(record, self._config, self.redaction)
+            if error is None:
+                return f"TLS {side} handshake succeeded{where}", fields
+            if self._exceptions.log_record:
+                fields = {**fields, **_exception_attributes(error)}
+            return f"TLS {side} handshake failed{where}: {record.error_type} ({error})", fields
+
+        if error is None:
+            self.audit.write(logging.INFO, _audit.HANDSHAKE_SUCCEEDED, build, span=span)
+            return
+        key = (peer[0] if peer else None, record.error_type)
+        self.audit.write(logging.WARNING, _audit.HANDSHAKE_FAILED, build, key=key, span=span)
 
     def peer_rejected(self, record: HandshakeRecord, error_type: str, message: str) -> None:
         """Record a TLS 1.3 server's rejection of our certificate after our handshake."""
@@ -356,22 +348,19 @@ class HandshakeTelemetry:
         if span.is_recording():
             span.add_event(_audit.PEER_REJECTED, attributes)
         self.instruments.peer_rejections.add(1, {error_attributes.ERROR_TYPE: error_type})
-        if not _audit.audit_logger.isEnabledFor(logging.WARNING):
-            return
         peer = record.peer_address
-        admitted = self.limiter.admit((_audit.PEER_REJECTED, peer[0] if peer else None, error_type))
-        if admitted is None:
-            return
-        fields = {**handshake_attributes(record, self._config, self.redaction), **attributes}
-        where = f" {peer[0]}:{peer[1]}" if peer else ""
-        _audit.emit(
-            logging.WARNING,
-            _audit.PEER_REJECTED,
-            f"TLS server{where} rejected our certificate after the handshake: "
-            f"{error_type} ({message})",
-            fields,
-            suppressed=admitted,
-        )
+
+        def build() -> tuple[str, Attributes]:
+            fields = {**handshake_attributes(record, self._config, self.redaction), **attributes}
+            where = f" {peer[0]}:{peer[1]}" if peer else ""
+            return (
+                f"TLS server{where} rejected our certificate after the handshake: "
+                f"{error_type} ({message})",
+                fields,
+            )
+
+        key = (peer[0] if peer else None, error_type)
+        self.audit.write(logging.WARNING, _audit.PEER_REJECTED, build, key=key)
 
 
 def _exception_attributes(error: BaseException) -> Attributes:
