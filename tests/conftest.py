@@ -8,6 +8,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -87,14 +88,41 @@ def tracer_provider(exporter: InMemorySpanExporter) -> TracerProvider:
     return provider
 
 
+class Instrumented:
+    """The instrumentation as a test wants it: on with defaults, or with its own options.
+
+    ``instrumented(**options)`` turns it on again with ``instrument()`` options (the test's
+    ``tracer_provider`` unless another is given); ``instrumented.off()`` turns it off, for
+    a bare run to compare with. It is always off when the test ends.
+    """
+
+    def __init__(self, tracer_provider: TracerProvider) -> None:
+        self.tracer_provider = tracer_provider
+        self.instrumentor = MTLSInstrumentor()
+        self.on = False
+
+    def __call__(self, **options: Any) -> MTLSInstrumentor:
+        self.off()
+        options.setdefault("tracer_provider", self.tracer_provider)
+        self.instrumentor.instrument(**options)
+        self.on = True
+        return self.instrumentor
+
+    def off(self) -> None:
+        if self.on:
+            self.instrumentor.uninstrument()
+            self.on = False
+
+
 @pytest.fixture
-def instrumented(tracer_provider: TracerProvider) -> Iterator[MTLSInstrumentor]:
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(tracer_provider=tracer_provider)
+def instrumented(tracer_provider: TracerProvider) -> Iterator[Instrumented]:
+    """The one way tests instrument the process: on with defaults; call it for options."""
+    state = Instrumented(tracer_provider)
+    state()
     try:
-        yield instrumentor
+        yield state
     finally:
-        instrumentor.uninstrument()
+        state.off()
 
 
 @contextmanager

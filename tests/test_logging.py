@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-TESTS = pathlib.Path(__file__).parent
+SUPPORT = pathlib.Path(__file__).parent / "support"
 
 INSTRUMENT = (
     "from opentelemetry.instrumentation.mtls import MTLSInstrumentor\n"
@@ -27,7 +27,7 @@ INSTRUMENT = (
 # tls.handshake.failed record to the audit logger.
 FAILED_HANDSHAKE = """
 import ssl, sys, trustme
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {support!r})
 from tlsrun import blocking
 {configure}
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
@@ -84,7 +84,7 @@ def test_valid_options_print_nothing(variables: dict[str, str]) -> None:
 
 
 def test_a_failed_handshake_is_silent_without_logging() -> None:
-    result = run(FAILED_HANDSHAKE.format(tests=str(TESTS), configure=""))
+    result = run(FAILED_HANDSHAKE.format(support=str(SUPPORT), configure=""))
     assert result.stdout.startswith("SSLError")  # the handshake did fail
     assert result.stderr == ""
 
@@ -93,6 +93,6 @@ def test_a_failed_handshake_is_written_once_logging_is_configured() -> None:
     # Negative control of the silence above: the record exists, and reaches the
     # application's handlers.
     configure = "import logging; logging.basicConfig(level=logging.INFO)"
-    result = run(FAILED_HANDSHAKE.format(tests=str(TESTS), configure=configure))
+    result = run(FAILED_HANDSHAKE.format(support=str(SUPPORT), configure=configure))
     assert result.stdout.startswith("SSLError")
     assert "TLS server handshake failed" in result.stderr

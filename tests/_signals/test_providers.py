@@ -12,11 +12,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from opentelemetry.instrumentation.mtls._signals.providers import Providers
 
-TESTS = Path(__file__).resolve().parent
+SUPPORT = Path(__file__).resolve().parent.parent / "support"
 
 SCRIPT = """
 import sys
-sys.path[:0] = [{tests!r}]
+sys.path[:0] = [{support!r}]
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -47,7 +47,7 @@ print(sorted(span.name for span in exporter.get_finished_spans()))
 
 def test_recording_starts_when_the_global_provider_is_set_later() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(tests=str(TESTS))],
+        [sys.executable, "-c", SCRIPT.format(support=str(SUPPORT))],
         capture_output=True,
         text=True,
         timeout=60,

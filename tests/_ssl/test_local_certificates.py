@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from conftest import PKI
+from conftest import PKI, Instrumented
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from opentelemetry.instrumentation.mtls._ssl.local_certificates import read_regular_file
 
@@ -33,11 +33,10 @@ def reader() -> InMemoryMetricReader:
 
 
 @pytest.fixture
-def instrumented_with_metrics(reader: InMemoryMetricReader) -> MTLSInstrumentor:
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(meter_provider=MeterProvider(metric_readers=[reader]))
-    yield instrumentor
-    instrumentor.uninstrument()
+def instrumented_with_metrics(
+    instrumented: Instrumented, reader: InMemoryMetricReader
+) -> MTLSInstrumentor:
+    return instrumented(meter_provider=MeterProvider(metric_readers=[reader]))
 
 
 def test_a_certificate_loaded_from_a_file_is_observed(

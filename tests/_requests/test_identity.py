@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -29,12 +29,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import PKI
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
+from conftest import PKI, Instrumented
+from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
 from pki import Leaf, write
 from servers import hypercorn_server, uvicorn_server
 
-pytestmark = pytest.mark.usefixtures("configure")
+pytestmark = pytest.mark.usefixtures("instrumented")
 
 ADMIN = "spiffe://example.org/ns/ops/sa/admin"
 MALLORY = "spiffe://example.org/ns/guest/sa/mallory"
@@ -59,21 +59,6 @@ async def whoami(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-@pytest.fixture
-def configure(tracer_provider: TracerProvider) -> Iterator[Callable[..., None]]:
-    instrumentor = MTLSInstrumentor()
-
-    def apply(**options: Any) -> None:
-        instrumentor.uninstrument()
-        instrumentor.instrument(tracer_provider=tracer_provider, **options)
-
-    instrumentor.instrument(tracer_provider=tracer_provider)
-    try:
-        yield apply
-    finally:
-        instrumentor.uninstrument()
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +141,9 @@ def test_identity_policy_follows_the_connection_not_x_forwarded_for(
     pki: PKI,
     people: dict[str, Leaf],
     tracer_provider: TracerProvider,
-    configure: Callable[..., None],
+    instrumented: Instrumented,
 ) -> None:
-    configure(san_patterns="URI:spiffe://example.org/ns/ops/*", enforce_identity_policy=True)
+    instrumented(san_patterns="URI:spiffe://example.org/ns/ops/*", enforce_identity_policy=True)
     with (
         uvicorn_server(app(tracer_provider), pki, loop=loop) as port,
         client(pki, people["admin"]) as admin,
@@ -198,9 +183,9 @@ def test_x_forwarded_for_naming_a_trusted_proxy_does_not_make_it_one(
     people: dict[str, Leaf],
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Callable[..., None],
+    instrumented: Instrumented,
 ) -> None:
-    configure(trusted_proxies="10.0.0.5/32", spiffe_trust_domains="trusted.test")
+    instrumented(trusted_proxies="10.0.0.5/32", spiffe_trust_domains="trusted.test")
     forged = {"x-forwarded-for": "10.0.0.5", **xfcc_for("spiffe://trusted.test/ns/x/sa/root")}
     with uvicorn_server(app(tracer_provider), pki) as port, client(pki, people["mallory"]) as m:
         attack = m.get(f"https://localhost:{port}/", headers=forged).json()
@@ -219,9 +204,9 @@ def test_a_genuine_trusted_proxy_keeps_its_identity_with_x_forwarded_for(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Callable[..., None],
+    instrumented: Instrumented,
 ) -> None:
-    configure(trusted_proxies="127.0.0.1/32")
+    instrumented(trusted_proxies="127.0.0.1/32")
     headers = {"x-forwarded-for": "203.0.113.7", **xfcc_for(ADMIN)}
     with uvicorn_server(app(tracer_provider), pki, tls=False) as port, httpx.Client() as http:
         answer = http.get(f"http://127.0.0.1:{port}/", headers=headers).json()
@@ -243,9 +228,9 @@ def test_only_the_configured_header_format_is_believed(
     people: dict[str, Leaf],
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Callable[..., None],
+    instrumented: Instrumented,
 ) -> None:
-    configure(trusted_proxies="127.0.0.1/32", proxy_header="nginx")
+    instrumented(trusted_proxies="127.0.0.1/32", proxy_header="nginx")
     # nginx sets its own header, and passes the client's forged XFCC through.
     headers = {**nginx_header(people["mallory"]), **xfcc_for(ADMIN)}
     with uvicorn_server(app(tracer_provider), pki, tls=False) as port, httpx.Client() as http:
@@ -264,10 +249,10 @@ def test_only_the_configured_header_format_is_believed(
 
 
 def test_revocation_enforce_is_not_bypassed_by_x_forwarded_for(
-    pki: PKI, tracer_provider: TracerProvider, configure: Callable[..., None]
+    pki: PKI, tracer_provider: TracerProvider, instrumented: Instrumented
 ) -> None:
     revoked = pki.ca.issue("revoked-client")
-    configure(revocation="enforce", crl_files=write(pki.ca.revocation_list(revoked), ".crl"))
+    instrumented(revocation="enforce", crl_files=write(pki.ca.revocation_list(revoked), ".crl"))
     with uvicorn_server(app(tracer_provider), pki) as port:
         url = f"https://localhost:{port}/"
         with client(pki, revoked) as http:
@@ -278,10 +263,10 @@ def test_revocation_enforce_is_not_bypassed_by_x_forwarded_for(
 
 
 def test_revocation_enforce_fails_closed_for_identity_headers_without_a_connection(
-    pki: PKI, people: dict[str, Leaf], configure: Callable[..., None]
+    pki: PKI, people: dict[str, Leaf], instrumented: Instrumented
 ) -> None:
     # A plaintext server is not followed when no proxy is trusted: no connection is known.
-    configure(revocation="enforce")
+    instrumented(revocation="enforce")
     with uvicorn_server(MTLSMiddleware(whoami), pki, tls=False) as port, httpx.Client() as http:
         with_headers = http.get(f"http://127.0.0.1:{port}/", headers=xfcc_for(ADMIN))
         without = http.get(f"http://127.0.0.1:{port}/")
@@ -347,13 +332,13 @@ def test_an_ipv4_mapped_peer_matches_an_ipv4_trusted_range(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Callable[..., None],
+    instrumented: Instrumented,
 ) -> None:
     sock = socket.socket(socket.AF_INET6)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::ffff:127.0.0.1", 0))
     sock.listen()
-    configure(trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")])
+    instrumented(trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")])
     with (
         uvicorn_server(app(tracer_provider), pki, tls=False, sock=sock) as port,
         httpx.Client() as http,
@@ -361,7 +346,7 @@ def test_an_ipv4_mapped_peer_matches_an_ipv4_trusted_range(
         answer = http.get(f"http://127.0.0.1:{port}/", headers=xfcc_for(ADMIN)).json()
     assert answer["client"][0] == "::ffff:127.0.0.1"
     assert (answer["spiffe_id"], answer["source"]) == (ADMIN, "xfcc")
-    configure(trusted_proxies="10.0.0.0/8")  # the control: the same peer, not trusted
+    instrumented(trusted_proxies="10.0.0.0/8")  # the control: the same peer, not trusted
     sock = socket.socket(socket.AF_INET6)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind(("::ffff:127.0.0.1", 0))
@@ -382,10 +367,10 @@ def ca_fingerprint(authority: Any) -> str:
 
 @pytest.mark.parametrize("allowed_ca", ["ours", "theirs"])
 def test_identity_policy_by_issuing_ca_fingerprint(
-    allowed_ca: str, pki: PKI, tracer_provider: TracerProvider, configure: Callable[..., None]
+    allowed_ca: str, pki: PKI, tracer_provider: TracerProvider, instrumented: Instrumented
 ) -> None:
     authority = pki.ca if allowed_ca == "ours" else pki.other_ca
-    configure(allowed_issuers=ca_fingerprint(authority), enforce_identity_policy=True)
+    instrumented(allowed_issuers=ca_fingerprint(authority), enforce_identity_policy=True)
     with uvicorn_server(app(tracer_provider), pki) as port, client(pki, pki.client) as http:
         status = http.get(f"https://localhost:{port}/").status_code
     assert status == (200 if allowed_ca == "ours" else 403)

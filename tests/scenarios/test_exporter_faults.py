@@ -29,8 +29,8 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from conftest import PKI, kept_records
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
+from conftest import PKI, Instrumented, kept_records
+from opentelemetry.instrumentation.mtls import MTLSMiddleware
 from pki import Leaf
 from servers import identity_app, uvicorn_server
 from tlsrun import Outcome, blocking
@@ -155,8 +155,12 @@ def handshakes(reader: InMemoryMetricReader) -> int:
 
 
 def test_a_broken_backend_changes_nothing_for_the_application(
-    pki: PKI, backend: Backend, export_failures: list[logging.LogRecord]
+    pki: PKI,
+    backend: Backend,
+    export_failures: list[logging.LogRecord],
+    instrumented: Instrumented,
 ) -> None:
+    instrumented.off()
     clients: dict[str, Leaf | None] = {
         "good": pki.client,
         "untrusted": pki.untrusted_client,
@@ -179,8 +183,7 @@ def test_a_broken_backend_changes_nothing_for_the_application(
     tracer_provider.add_span_processor(processor)
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    instrumented(tracer_provider=tracer_provider, meter_provider=meter_provider)
     queue = processor._batch_processor._queue  # a bounded deque
     queue_lengths: list[int] = []
     answers: list[tuple[int, Any]] = []
@@ -206,7 +209,7 @@ def test_a_broken_backend_changes_nothing_for_the_application(
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-        instrumentor.uninstrument()
+        instrumented.off()
         # Short: an export to the silent server takes up to the exporter's timeout, and
         # BatchSpanProcessor.shutdown() takes no timeout (its batch processor does).
         processor._batch_processor.shutdown(timeout_millis=2000)

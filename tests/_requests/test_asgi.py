@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import PKI, handshake_spans
+from conftest import PKI, Instrumented, handshake_spans
 from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
 from pki import Leaf
 from servers import hypercorn_server, uvicorn_server
@@ -286,16 +286,13 @@ def test_fastapi_without_mtls_instrumentation_is_not_enriched(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    instrumented: Any,
+    instrumented: Instrumented,
 ) -> None:
-    instrumented.uninstrument()  # negative control: the same app, no MTLSInstrumentor
-    try:
-        hook_calls: list[str] = []
-        app = fastapi_app(tracer_provider, hook_calls)
-        with uvicorn_server(app, pki) as port, client(pki, pki.client) as http:
-            assert http.get(f"https://localhost:{port}/whoami").json() == {"spiffe_id": None}
-        assert hook_calls == ["/whoami"]
-        (span,) = server_spans(exporter)
-        assert not [k for k in (span.attributes or {}) if k.startswith("tls.")]
-    finally:
-        instrumented.instrument(tracer_provider=tracer_provider)
+    instrumented.off()  # negative control: the same app, no MTLSInstrumentor
+    hook_calls: list[str] = []
+    app = fastapi_app(tracer_provider, hook_calls)
+    with uvicorn_server(app, pki) as port, client(pki, pki.client) as http:
+        assert http.get(f"https://localhost:{port}/whoami").json() == {"spiffe_id": None}
+    assert hook_calls == ["/whoami"]
+    (span,) = server_spans(exporter)
+    assert not [k for k in (span.attributes or {}) if k.startswith("tls.")]

@@ -16,8 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from conftest import PKI, handshake_spans
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor
+from conftest import PKI, Instrumented, handshake_spans
 from pki import Leaf
 from tlsrun import Outcome, blocking, on_loop
 
@@ -108,17 +107,17 @@ def test_one_span_per_side(
     case: str,
     pki: PKI,
     exporter: InMemorySpanExporter,
-    tracer_provider: Any,
+    instrumented: Instrumented,
 ) -> None:
+    instrumented.off()
     bare = run(mode, pki, case, version)
     assert not exporter.get_finished_spans()
 
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(tracer_provider=tracer_provider)
+    instrumented()
     try:
         seen = run(mode, pki, case, version)
     finally:
-        instrumentor.uninstrument()
+        instrumented.off()
     assert seen == bare
 
     server_error, verify_result, verify_code = SERVER_EXPECTED[case]

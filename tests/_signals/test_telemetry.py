@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import PKI, handshake_spans, kept_records
+from conftest import PKI, Instrumented, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from pki import Leaf
@@ -39,19 +39,11 @@ def reader() -> InMemoryMetricReader:
 
 @pytest.fixture
 def monitored(
-    tracer_provider: TracerProvider, reader: InMemoryMetricReader, request: pytest.FixtureRequest
-) -> Iterator[MTLSInstrumentor]:
+    instrumented: Instrumented, reader: InMemoryMetricReader, request: pytest.FixtureRequest
+) -> MTLSInstrumentor:
+    """Instrumented with metrics read by ``reader`` (and the test's parametrized options)."""
     options = getattr(request, "param", {})
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(
-        tracer_provider=tracer_provider,
-        meter_provider=MeterProvider(metric_readers=[reader]),
-        **options,
-    )
-    try:
-        yield instrumentor
-    finally:
-        instrumentor.uninstrument()
+    return instrumented(meter_provider=MeterProvider(metric_readers=[reader]), **options)
 
 
 @pytest.fixture
@@ -276,19 +268,18 @@ def test_late_rejection_seen_by_a_blocking_client(
     tracer_provider: TracerProvider,
     reader: InMemoryMetricReader,
     audit: list[logging.LogRecord],
+    instrumented: Instrumented,
 ) -> None:
+    instrumented.off()
     cert = getattr(pki, cert_name) if cert_name != "none" else None
     bare = late_rejection_outcome(pki, cert)
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(
-        tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader])
-    )
+    instrumented(meter_provider=MeterProvider(metric_readers=[reader]))
     try:
         with tracer_provider.get_tracer("test").start_as_current_span("GET /"):
             seen = late_rejection_outcome(pki, cert)
             good = late_rejection_outcome(pki, pki.client)  # control
     finally:
-        instrumentor.uninstrument()
+        instrumented.off()
     assert seen == bare and seen.startswith("SSLError")
     assert good == "b'hello'"
     (request,) = [s for s in exporter.get_finished_spans() if s.name == "GET /"]
@@ -412,18 +403,17 @@ def test_exceptions_go_where_the_semconv_opt_in_says(
     span_event: bool,
     log_fields: bool,
     pki: PKI,
-    tracer_provider: TracerProvider,
     exporter: InMemorySpanExporter,
     monkeypatch: pytest.MonkeyPatch,
+    instrumented: Instrumented,
 ) -> None:
     monkeypatch.setenv("OTEL_SEMCONV_EXCEPTION_SIGNAL_OPT_IN", opt_in)
-    instrumentor = MTLSInstrumentor()
     with kept_records(AUDIT_LOGGER_NAME, logging.WARNING) as records:
-        instrumentor.instrument(tracer_provider=tracer_provider)
+        instrumented()  # the opt-in is read when instrumenting
         try:
             blocking(pki.server_context(), pki.client_context(pki.untrusted_client))
         finally:
-            instrumentor.uninstrument()
+            instrumented.off()
     (span,) = handshake_spans(exporter, "server")
     assert span.status.is_ok is False  # the control: a failure either way
     assert [e.name for e in span.events].count("exception") == int(span_event)

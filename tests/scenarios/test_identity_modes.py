@@ -10,11 +10,9 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import PKI, handshake_spans
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor
+from conftest import PKI, Instrumented, handshake_spans
 from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from tlsrun import blocking
 
@@ -24,28 +22,25 @@ SECRETS = ("web-client", "web.example.org", "spiffe://example.org/ns/default/sa/
 
 def capture(
     pki: PKI,
-    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
     **options: Any,
 ) -> str:
     """Run a good and an expired client; return every exported span, log and metric as text."""
+    instrumented.off()
     exporter.clear()
     caplog.clear()
     reader = InMemoryMetricReader()
-    instrumentor = MTLSInstrumentor()
     with caplog.at_level(logging.INFO, logger=AUDIT_LOGGER_NAME):
-        instrumentor.instrument(
-            tracer_provider=tracer_provider,
-            meter_provider=MeterProvider(metric_readers=[reader]),
-            log_success=True,
-            **options,
+        instrumented(
+            meter_provider=MeterProvider(metric_readers=[reader]), log_success=True, **options
         )
         try:
             blocking(pki.server_context(), pki.client_context(pki.client))
             blocking(pki.server_context(), pki.client_context(pki.expired_client))
         finally:
-            instrumentor.uninstrument()
+            instrumented.off()
     spans = [dict(span.attributes or {}) for span in exporter.get_finished_spans()]
     logs = [vars(record) for record in caplog.records if record.name == AUDIT_LOGGER_NAME]
     metrics = reader.get_metrics_data()
@@ -62,32 +57,32 @@ def quiet(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture
 
 
 def test_plain_mode_shows_the_identity(
-    pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, quiet: Any
+    pki: PKI, instrumented: Instrumented, exporter: InMemorySpanExporter, quiet: Any
 ) -> None:
-    text = capture(pki, tracer_provider, exporter, quiet)
+    text = capture(pki, instrumented, exporter, quiet)
     assert all(secret in text for secret in SECRETS)  # control for the tests below
 
 
 def test_hashed_mode_hides_names_but_correlates(
-    pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, quiet: Any
+    pki: PKI, instrumented: Instrumented, exporter: InMemorySpanExporter, quiet: Any
 ) -> None:
-    text = capture(pki, tracer_provider, exporter, quiet, identity_mode="hashed", hash_key="k1")
+    text = capture(pki, instrumented, exporter, quiet, identity_mode="hashed", hash_key="k1")
     assert not [secret for secret in SECRETS if secret in text]
     first = server_attributes(exporter)
     assert str(first["tls.client.subject"]).startswith("hmac-sha256:")
     assert first["tls.client.hash.sha256"]  # the fingerprint names no one
-    capture(pki, tracer_provider, exporter, quiet, identity_mode="hashed", hash_key="k1")
+    capture(pki, instrumented, exporter, quiet, identity_mode="hashed", hash_key="k1")
     again = server_attributes(exporter)
     assert again["tls.client.spiffe_id"] == first["tls.client.spiffe_id"]
-    capture(pki, tracer_provider, exporter, quiet, identity_mode="hashed", hash_key="k2")
+    capture(pki, instrumented, exporter, quiet, identity_mode="hashed", hash_key="k2")
     other_key = server_attributes(exporter)
     assert other_key["tls.client.spiffe_id"] != first["tls.client.spiffe_id"]
 
 
 def test_omit_mode_keeps_fingerprint_and_verify_result_only(
-    pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter, quiet: Any
+    pki: PKI, instrumented: Instrumented, exporter: InMemorySpanExporter, quiet: Any
 ) -> None:
-    text = capture(pki, tracer_provider, exporter, quiet, identity_mode="omit")
+    text = capture(pki, instrumented, exporter, quiet, identity_mode="omit")
     assert not [secret for secret in SECRETS if secret in text]
     client_keys = {k for k in server_attributes(exporter) if k.startswith("tls.client.")}
     fingerprints = {"tls.client.hash.sha256", "tls.client.verify.result"}
@@ -98,7 +93,7 @@ def test_omit_mode_keeps_fingerprint_and_verify_result_only(
 
 def test_hashed_mode_without_a_key_omits_and_warns(
     pki: PKI,
-    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
@@ -106,7 +101,7 @@ def test_hashed_mode_without_a_key_omits_and_warns(
     monkeypatch.setenv("OTEL_PYTHON_MTLS_IDENTITY_MODE", "hashed")
     monkeypatch.delenv("OTEL_PYTHON_MTLS_HASH_KEY", raising=False)
     with caplog.at_level(logging.WARNING, logger="opentelemetry.instrumentation.mtls"):
-        text = capture(pki, tracer_provider, exporter, caplog)
+        text = capture(pki, instrumented, exporter, caplog)
         warnings = [r.getMessage() for r in caplog.records if "HASH_KEY" in r.getMessage()]
     assert len(warnings) == 1
     assert not [secret for secret in SECRETS if secret in text]
@@ -114,22 +109,21 @@ def test_hashed_mode_without_a_key_omits_and_warns(
 
 def test_invalid_mode_warns_and_stays_plain(
     pki: PKI,
-    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("OTEL_PYTHON_MTLS_IDENTITY_MODE", "scrambled")
     with caplog.at_level(logging.WARNING, logger="opentelemetry.instrumentation.mtls"):
-        MTLSInstrumentor().instrument(tracer_provider=tracer_provider)
-        MTLSInstrumentor().uninstrument()
+        instrumented()
     (warning,) = [r.getMessage() for r in caplog.records if "IDENTITY_MODE" in r.getMessage()]
     assert "scrambled" in warning and "plain" in warning
 
 
 def denied_request_text(
     pki: PKI,
-    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
     **options: Any,
@@ -144,12 +138,11 @@ def denied_request_text(
     evil = pki.ca.issue("evil-client", uris=("spiffe://evil.test/ns/x/sa/y",))
     exporter.clear()
     caplog.clear()
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(
-        tracer_provider=tracer_provider, spiffe_trust_domains="example.org", **options
-    )
+    instrumented(spiffe_trust_domains="example.org", **options)
     app = OpenTelemetryMiddleware(
-        MTLSMiddleware(identity_app), tracer_provider=tracer_provider, exclude_spans=["receive"]
+        MTLSMiddleware(identity_app),
+        tracer_provider=instrumented.tracer_provider,
+        exclude_spans=["receive"],
     )
     try:
         with (
@@ -159,7 +152,7 @@ def denied_request_text(
         ):
             http.get(f"https://localhost:{port}/")
     finally:
-        instrumentor.uninstrument()
+        instrumented.off()
     spans = [
         (dict(s.attributes or {}), [(e.name, dict(e.attributes or {})) for e in s.events])
         for s in exporter.get_finished_spans()
@@ -173,12 +166,12 @@ def denied_request_text(
 def test_denial_records_name_no_identity_in_hashed_and_omit_modes(
     mode: str,
     pki: PKI,
-    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     text = denied_request_text(
-        pki, tracer_provider, exporter, caplog, identity_mode=mode, hash_key="k"
+        pki, instrumented, exporter, caplog, identity_mode=mode, hash_key="k"
     )
     for secret in ("evil.test", "evil-client"):
         assert secret not in text
@@ -187,9 +180,9 @@ def test_denial_records_name_no_identity_in_hashed_and_omit_modes(
 
 def test_denial_records_name_the_identity_in_plain_mode(
     pki: PKI,
-    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
     exporter: InMemorySpanExporter,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    text = denied_request_text(pki, tracer_provider, exporter, caplog)
+    text = denied_request_text(pki, instrumented, exporter, caplog)
     assert "SPIFFE trust domain evil.test is not allowed" in text

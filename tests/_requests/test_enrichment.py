@@ -11,7 +11,6 @@ import ipaddress
 import json
 import logging
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -22,8 +21,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import PKI
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware, client_identity
+from conftest import PKI, Instrumented
+from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
 from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
 from pki import Leaf
 from servers import uvicorn_server
@@ -43,21 +42,6 @@ async def whoami(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-@pytest.fixture
-def configure(tracer_provider: TracerProvider) -> Iterator[Any]:
-    instrumentor = MTLSInstrumentor()
-
-    def apply(**options: Any) -> None:
-        instrumentor.uninstrument()
-        instrumentor.instrument(tracer_provider=tracer_provider, **options)
-
-    instrumentor.instrument(tracer_provider=tracer_provider)
-    try:
-        yield apply
-    finally:
-        instrumentor.uninstrument()
 
 
 def app(tracer_provider: TracerProvider) -> Any:
@@ -97,9 +81,9 @@ def test_identity_from_a_trusted_proxy(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Any,
+    instrumented: Instrumented,
 ) -> None:
-    configure(trusted_proxies=LOOPBACK, proxy_header=kind)
+    instrumented(trusted_proxies=LOOPBACK, proxy_header=kind)
     with uvicorn_server(app(tracer_provider), pki, tls=False) as port, httpx.Client() as http:
         answer = http.get(f"http://127.0.0.1:{port}/", headers=headers_for(kind, pki.client))
     assert answer.json() == {"spiffe_id": "spiffe://example.org/ns/default/sa/web", "source": kind}
@@ -112,10 +96,10 @@ def test_the_same_header_from_an_untrusted_peer_is_ignored_and_reported(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Any,
+    instrumented: Instrumented,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    configure(trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
+    instrumented(trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
     with (
         caplog.at_level(logging.WARNING, logger=AUDIT_LOGGER_NAME),
         uvicorn_server(app(tracer_provider), pki, tls=False) as port,
@@ -135,9 +119,12 @@ def test_the_same_header_from_an_untrusted_peer_is_ignored_and_reported(
 
 
 def test_malformed_header_from_a_trusted_proxy_is_a_clear_outcome(
-    pki: PKI, exporter: InMemorySpanExporter, tracer_provider: TracerProvider, configure: Any
+    pki: PKI,
+    exporter: InMemorySpanExporter,
+    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
 ) -> None:
-    configure(trusted_proxies=LOOPBACK)
+    instrumented(trusted_proxies=LOOPBACK)
     with uvicorn_server(app(tracer_provider), pki, tls=False) as port, httpx.Client() as http:
         answer = http.get(
             f"http://127.0.0.1:{port}/", headers={"x-forwarded-client-cert": 'Cert="%ZZ;Hash=1'}
@@ -162,10 +149,10 @@ def test_identity_policy_observes_or_enforces(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Any,
+    instrumented: Instrumented,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    configure(spiffe_trust_domains="example.org", enforce_identity_policy=enforce)
+    instrumented(spiffe_trust_domains="example.org", enforce_identity_policy=enforce)
     stranger = pki.ca.issue("stranger", uris=("spiffe://elsewhere.test/ns/x/sa/y",))
     with caplog.at_level(logging.WARNING, logger=AUDIT_LOGGER_NAME):
         allowed = policy_run(pki, tracer_provider, pki.client)
@@ -197,10 +184,10 @@ def test_revocation_is_observed_or_enforced(
     pki: PKI,
     exporter: InMemorySpanExporter,
     tracer_provider: TracerProvider,
-    configure: Any,
+    instrumented: Instrumented,
 ) -> None:
     revoked = pki.ca.issue("revoked-client")
-    configure(revocation=mode, crl_files=crl_file(pki, revoked))
+    instrumented(revocation=mode, crl_files=crl_file(pki, revoked))
     statuses = []
     for cert in (pki.client, revoked):
         with (

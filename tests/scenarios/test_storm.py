@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import PKI, handshake_spans, kept_records
+from conftest import PKI, Instrumented, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor, MTLSMiddleware
 from opentelemetry.instrumentation.mtls._diagnostics import (
     AUDIT_KEYS,
@@ -85,20 +85,12 @@ def reader() -> InMemoryMetricReader:
 
 
 @pytest.fixture
-def monitored(
-    tracer_provider: TracerProvider, reader: InMemoryMetricReader
-) -> Iterator[MTLSInstrumentor]:
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(
-        tracer_provider=tracer_provider,
+def monitored(instrumented: Instrumented, reader: InMemoryMetricReader) -> MTLSInstrumentor:
+    return instrumented(
         meter_provider=MeterProvider(metric_readers=[reader]),
         log_rate_limit=LOG_RATE_LIMIT,
         peer_certificate_limit=PEER_CERTIFICATE_LIMIT,
     )
-    try:
-        yield instrumentor
-    finally:
-        instrumentor.uninstrument()
 
 
 @pytest.fixture

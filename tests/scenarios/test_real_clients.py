@@ -12,10 +12,10 @@ import pytest
 import requests
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_asgi import instrumented_app
 
 from conftest import PKI, handshake_spans
 from servers import uvicorn_server
-from test_asgi import instrumented_app
 
 pytestmark = pytest.mark.usefixtures("instrumented")
 
