@@ -1,10 +1,13 @@
-"""The collector configuration at the repository root holds together.
+"""The collector configuration at the repository root holds together, read as YAML.
 
-No collector runs here (no Docker), so the checks a collector makes at start-up are
-made on the YAML: every pipeline names only components that are defined, every
-defined component is used, each connector joins two pipelines; and the parts that
-matter for mTLS are there: failed handshakes always kept by tail sampling, handshake
-spans turned into metrics before sampling, with the dimensions the alerts need.
+The real collector loads and runs this file in tests/scenarios (``validate``, and
+traffic through to Jaeger); these checks need no binary, so they run everywhere and
+say which part is wrong: every pipeline names only components that are defined, every
+defined component is used, each connector joins two pipelines; the parts that matter
+for mTLS are there: failed handshakes always kept by tail sampling, handshake spans
+turned into metrics before sampling, with the dimensions the alerts need. The
+``${env:NAME:-default}`` variables have defaults that docker compose relies on, and
+the versions in the compose file and the builder manifest are those of .ci/versions.
 """
 
 from __future__ import annotations
@@ -20,10 +23,16 @@ import yaml
 from opentelemetry.instrumentation.mtls._signals.handshake import CLIENT_SPAN_NAME, SERVER_SPAN_NAME
 from opentelemetry.instrumentation.mtls._ssl import errors as _errors
 
-CONFIG = Path(__file__).resolve().parent.parent / "otel-collector-config.yaml"
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "otel-collector-config.yaml"
+VERSIONS = REPO / ".ci" / "versions"
+MANIFEST = REPO / ".ci" / "collector-manifest.yaml"
+COMPOSE = REPO / "examples" / "docker-compose.yaml"
+# ``${env:NAME:-default}``: the collector's environment variable syntax.
+ENV_VARIABLE = re.compile(r"\$\{env:([A-Z0-9_]+)(?::-([^}]*))?\}")
 KINDS = ("receivers", "processors", "exporters", "connectors")
 # What each connector consumes (as an exporter) and produces (as a receiver).
-CONNECTOR_SIGNALS = {"spanmetrics": ("traces", "metrics")}
+CONNECTOR_SIGNALS = {"span_metrics": ("traces", "metrics")}
 ERROR_TYPES = {
     value
     for name, value in vars(_errors).items()
@@ -36,8 +45,19 @@ def load(path: Path = CONFIG) -> dict[str, Any]:
     return config
 
 
+def default(value: str) -> str:
+    """The value of ``${env:NAME:-default}`` when NAME is not set (as under docker compose)."""
+    return ENV_VARIABLE.sub(lambda m: m.group(2) or "", value)
+
+
+def pinned_versions() -> dict[str, str]:
+    lines = (line.strip() for line in VERSIONS.read_text().splitlines())
+    pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
 def component_type(component_id: str) -> str:
-    """``otlp/jaeger`` -> ``otlp``: a component id is ``type[/name]``."""
+    """``otlp_grpc/jaeger`` -> ``otlp_grpc``: a component id is ``type[/name]``."""
     return component_id.split("/", 1)[0]
 
 
@@ -94,8 +114,8 @@ def pipeline_problems(config: dict[str, Any]) -> list[str]:
 
 
 def span_name_pattern(condition: str) -> str:
-    """The regular expression of an OTTL ``IsMatch(name, "...")`` condition."""
-    match = re.search(r'IsMatch\(name, "([^"]+)"\)', condition)
+    """The regular expression of an OTTL ``IsMatch(span.name, "...")`` condition."""
+    match = re.search(r'IsMatch\(span\.name, "([^"]+)"\)', condition)
     assert match, condition
     return match.group(1)
 
@@ -118,13 +138,13 @@ def test_pipelines_hold_together(config: dict[str, Any]) -> None:
             id="undefined-exporter",
         ),
         pytest.param(
-            lambda c: c["service"]["pipelines"]["metrics"]["receivers"].remove("spanmetrics"),
-            "connector 'spanmetrics' must export from one pipeline and feed another",
+            lambda c: c["service"]["pipelines"]["metrics"]["receivers"].remove("span_metrics"),
+            "connector 'span_metrics' must export from one pipeline and feed another",
             id="connector-feeds-nothing",
         ),
         pytest.param(
-            lambda c: c["exporters"].update({"otlp/unused": {"endpoint": "x:4317"}}),
-            "exporter 'otlp/unused' is defined but not used",
+            lambda c: c["exporters"].update({"otlp_grpc/unused": {"endpoint": "x:4317"}}),
+            "exporter 'otlp_grpc/unused' is defined but not used",
             id="unused-exporter",
         ),
         pytest.param(
@@ -145,12 +165,12 @@ def test_broken_copies_are_caught(config: dict[str, Any], mutate: Any, problem: 
 def test_failed_handshakes_are_always_kept(config: dict[str, Any]) -> None:
     traces = config["service"]["pipelines"]["traces"]
     assert "tail_sampling" in traces["processors"]
-    assert "otlp/jaeger" in traces["exporters"]
+    assert "otlp_grpc/jaeger" in traces["exporters"]
     policies = {p["type"]: p for p in config["processors"]["tail_sampling"]["policies"]}
 
     ottl = policies["ottl_condition"]["ottl_condition"]["span"]
     [condition] = ottl
-    assert "status.code == STATUS_CODE_ERROR" in condition
+    assert "span.status.code == STATUS_CODE_ERROR" in condition
     pattern = span_name_pattern(condition)
     assert re.fullmatch(pattern, SERVER_SPAN_NAME)
     assert re.fullmatch(pattern, CLIENT_SPAN_NAME)
@@ -162,14 +182,15 @@ def test_failed_handshakes_are_always_kept(config: dict[str, Any]) -> None:
     assert set(by_reason["values"]) == ERROR_TYPES
     assert {"certificate_authority_invalid", "certificate_expired"} <= ERROR_TYPES
 
-    # The rest is sampled, not all kept and not all dropped.
+    # The rest is sampled, not all kept and not all dropped (unless a test says so).
     percentage = policies["probabilistic"]["probabilistic"]["sampling_percentage"]
-    assert 0 < percentage < 100
+    assert ENV_VARIABLE.fullmatch(percentage)
+    assert 0 < float(default(percentage)) < 100
 
 
 def test_handshake_spans_become_metrics_before_sampling(config: dict[str, Any]) -> None:
     pipelines = config["service"]["pipelines"]
-    feeding = [p for p in pipelines.values() if "spanmetrics" in p["exporters"]]
+    feeding = [p for p in pipelines.values() if "span_metrics" in p["exporters"]]
     assert feeding
     for pipeline in feeding:
         # Counting sampled spans would count every failure but a tenth of successes.
@@ -180,35 +201,84 @@ def test_handshake_spans_become_metrics_before_sampling(config: dict[str, Any]) 
         pattern = span_name_pattern(condition)
         assert re.fullmatch(pattern, SERVER_SPAN_NAME)
         assert re.fullmatch(pattern, CLIENT_SPAN_NAME)
-    dimensions = {d["name"] for d in config["connectors"]["spanmetrics"]["dimensions"]}
+    dimensions = {d["name"] for d in config["connectors"]["span_metrics"]["dimensions"]}
     assert {"error.type", "tls.protocol.version"} <= dimensions
     metrics = pipelines["metrics"]
-    assert {"otlp", "spanmetrics"} <= set(metrics["receivers"])
+    assert {"otlp", "span_metrics"} <= set(metrics["receivers"])
     assert "prometheus" in metrics["exporters"]
 
 
 def test_every_signal_is_received_and_logged(config: dict[str, Any]) -> None:
     protocols = config["receivers"]["otlp"]["protocols"]
-    assert protocols["grpc"]["endpoint"].endswith(":4317")
-    assert protocols["http"]["endpoint"].endswith(":4318")
+    assert default(protocols["grpc"]["endpoint"]) == "0.0.0.0:4317"
+    assert default(protocols["http"]["endpoint"]) == "0.0.0.0:4318"
     pipelines = config["service"]["pipelines"]
     for signal in ("traces", "metrics", "logs"):
         assert "otlp" in pipelines[signal]["receivers"]
         assert "debug" in pipelines[signal]["exporters"]
-    jaeger = config["exporters"]["otlp/jaeger"]
-    assert jaeger["endpoint"] == "jaeger:4317"
+    jaeger = config["exporters"]["otlp_grpc/jaeger"]
+    assert default(jaeger["endpoint"]) == "jaeger:4317"
     assert jaeger["tls"]["insecure"] is True
 
 
-def test_compose_mounts_this_config() -> None:
-    compose = yaml.safe_load((CONFIG.parent / "examples" / "docker-compose.yaml").read_text())
+def test_every_variable_has_a_default() -> None:
+    """docker compose sets none of them: the file must work as it is."""
+    text = CONFIG.read_text()
+    variables = ENV_VARIABLE.findall(text)
+    assert len(variables) >= 8, variables
+    assert [name for name, value in variables if not value] == []
+    # Every ``${`` is one of them (a typo would be left for the collector to choke on).
+    assert text.count("${") == len(variables)
+    assert default("${env:X:-0.0.0.0:4317}") == "0.0.0.0:4317"
+
+
+def mounted(service: dict[str, Any]) -> dict[Path, str]:
+    """A compose service's volumes: host path (resolved) -> path in the container."""
+    volumes: dict[Path, str] = {}
+    for volume in service["volumes"]:
+        source, target, *_ = volume.split(":")
+        volumes[(COMPOSE.parent / source).resolve()] = target
+    return volumes
+
+
+def test_compose_mounts_this_config_at_the_pinned_versions() -> None:
+    compose = yaml.safe_load(COMPOSE.read_text())
+    versions = pinned_versions()
     collector = compose["services"]["otel-collector"]
-    assert collector["image"].startswith("otel/opentelemetry-collector-contrib")
-    [volume] = collector["volumes"]
-    source, target, *_ = volume.split(":")
-    assert (CONFIG.parent / "examples" / source).resolve() == CONFIG
+    # The image's tag defaults to the pinned release: ${OTELCOL_VERSION:-0.161.0}.
+    assert collector["image"] == (
+        f"otel/opentelemetry-collector-contrib:${{OTELCOL_VERSION:-{versions['OTELCOL_VERSION']}}}"
+    )
+    [target] = mounted(collector).values()
+    assert mounted(collector) == {CONFIG: target}
     assert f"--config={target}" in collector["command"]
-    assert {"4317:4317", "4318:4318"} <= set(collector["ports"])
+    assert {"4317:4317", "4318:4318", "8889:8889"} <= set(collector["ports"])
     jaeger = compose["services"]["jaeger"]
-    assert jaeger["image"].startswith("jaegertracing/all-in-one")
+    assert (
+        jaeger["image"] == f"jaegertracing/jaeger:${{JAEGER_VERSION:-{versions['JAEGER_VERSION']}}}"
+    )
+    [target] = mounted(jaeger).values()
+    assert mounted(jaeger) == {REPO / "examples" / "jaeger-config.yaml": target}
+    assert f"--config={target}" in jaeger["command"]
     assert "16686:16686" in jaeger["ports"]
+    # Inside the compose network Jaeger listens on every interface, where the collector
+    # sends to it (jaeger:4317).
+    assert jaeger["environment"]["JAEGER_OTLP_GRPC_ENDPOINT"] == "0.0.0.0:4317"
+
+
+def test_the_manifest_takes_every_version_from_the_versions_file() -> None:
+    """One release for every component, named only in .ci/versions."""
+    manifest = yaml.safe_load(MANIFEST.read_text())
+    modules = [
+        entry["gomod"]
+        for kind in ("receivers", "processors", "exporters", "connectors", "providers")
+        for entry in manifest.get(kind) or []
+    ]
+    assert modules
+    for module in modules:
+        _, version = module.split(" ")
+        assert version in ("v${OTELCOL_VERSION}", "v${OTELCOL_STABLE_VERSION}"), module
+    assert manifest["dist"]["version"] == "${OTELCOL_VERSION}"
+    assert {"OTELCOL_VERSION", "OTELCOL_STABLE_VERSION", "OTELCOL_BUILDER_VERSION"} <= set(
+        pinned_versions()
+    )
