@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind
 from conftest import PKI, Instrumented, handshake_spans
 from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
 from pki import Leaf
-from servers import hypercorn_server, uvicorn_server
+from servers import answer_json, hypercorn_server, uvicorn_server
 
 pytestmark = pytest.mark.usefixtures("instrumented")
 
@@ -46,16 +46,7 @@ async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             "http_version": scope.get("http_version"),
         }
     ).encode()
-    if scope["type"] == "websocket":
-        await receive()
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": body.decode()})
-        await send({"type": "websocket.close"})
-        return
-    await receive()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await answer_json(scope, receive, send, body)
 
 
 def instrumented_app(tracer_provider: TracerProvider, *, middleware: bool = True) -> Any:

@@ -32,7 +32,7 @@ from opentelemetry.trace import SpanKind
 from conftest import PKI, Instrumented
 from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
 from pki import Leaf, write
-from servers import hypercorn_server, uvicorn_server
+from servers import answer_json, hypercorn_server, uvicorn_server
 
 pytestmark = pytest.mark.usefixtures("instrumented")
 
@@ -49,16 +49,7 @@ async def whoami(scope: dict[str, Any], receive: Any, send: Any) -> None:
         "client": list(scope["client"]) if scope.get("client") else None,
     }
     body = json.dumps(payload).encode()
-    if scope["type"] == "websocket":
-        await receive()
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.send", "text": body.decode()})
-        await send({"type": "websocket.close"})
-        return
-    await receive()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await answer_json(scope, receive, send, body)
 
 
 @pytest.fixture(scope="module")

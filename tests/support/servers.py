@@ -33,6 +33,19 @@ async def identity_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def answer_json(scope: dict[str, Any], receive: Any, send: Any, body: bytes) -> None:
+    """Answer an HTTP request with a JSON body, or send it over a WebSocket and close."""
+    await receive()
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.send", "text": body.decode()})
+        await send({"type": "websocket.close"})
+        return
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _listen() -> tuple[socket.socket, int]:
     sock = socket.create_server(("127.0.0.1", 0))
     return sock, sock.getsockname()[1]
