@@ -154,8 +154,11 @@ def test_a_closed_websocket_leaves_nothing_to_impersonate_under_uvloop(
     from websockets.sync.client import connect
 
     with uvicorn_server(app(tracer_provider), pki, loop="uvloop") as port:
-        with connect(f"wss://localhost:{port}/ws", ssl=pki.client_context(people["admin"])) as ws:
-            admin_port = ws.socket.getsockname()[1]
+        # Our own socket: its port is known before the server may close the WebSocket.
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        admin_port = raw.getsockname()[1]
+        url = f"wss://localhost:{port}/ws"
+        with connect(url, sock=raw, ssl=pki.client_context(people["admin"])) as ws:
             seen = json.loads(ws.recv())
         assert seen["spiffe_id"] == ADMIN  # the control: the WebSocket had admin's identity
         time.sleep(0.2)
