@@ -31,7 +31,7 @@ from opentelemetry.instrumentation.mtls._requests.identity import (
     resolve,
 )
 from opentelemetry.instrumentation.mtls._requests.revocation import REVOKED
-from opentelemetry.instrumentation.mtls._ssl.record import Address, peer_chain
+from opentelemetry.instrumentation.mtls._ssl.record import peer_chain, socket_address
 from opentelemetry.instrumentation.mtls._ssl.values import iana_cipher_code, version_code
 from opentelemetry.instrumentation.mtls._x509 import der_to_pem, first_pem_certificate
 
@@ -74,7 +74,7 @@ def resolution_of(scope: Scope) -> Resolution | None:
     resolution = resolve(
         connection,
         headers,
-        _address(scope.get("server")),
+        socket_address(scope.get("server")),
         _extension_leaf(scope) if connection is None else None,
         settings,
     )
@@ -130,14 +130,6 @@ def _fill_extension(scope: Scope, connection: Connection) -> None:
         extension = connection.cache["extension"] = tls_extension(connection)
     # Each request its own copy: applications may change what they are given.
     extensions["tls"] = {**extension, "client_cert_chain": list(extension["client_cert_chain"])}
-
-
-def _address(value: object) -> Address | None:
-    if isinstance(value, list | tuple) and len(value) >= 2:
-        host, port = value[0], value[1]
-        if isinstance(host, str) and isinstance(port, int):
-            return host, port
-    return None
 
 
 def _extension_leaf(scope: Scope) -> bytes | None:

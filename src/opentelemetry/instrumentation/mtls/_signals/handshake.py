@@ -250,7 +250,6 @@ class HandshakeTelemetry:
         )
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
-        self.audit = _audit.AuditLog(config.log_rate_limit)
         self._metric_attributes: dict[tuple[object, ...], Attributes] = {}
 
     def recording(self) -> bool:

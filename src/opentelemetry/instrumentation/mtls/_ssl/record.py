@@ -33,8 +33,8 @@ SSLEndpoint = ssl.SSLSocket | ssl.SSLObject
 
 
 def socket_address(value: object) -> Address | None:
-    """Return (host, port) of an IP socket address; None for anything else."""
-    if isinstance(value, tuple) and len(value) >= 2:
+    """Return (host, port) of an IP socket address (or an ASGI scope's); None otherwise."""
+    if isinstance(value, tuple | list) and len(value) >= 2:
         host, port = value[0], value[1]
         if isinstance(host, str) and isinstance(port, int):
             return host, port
