@@ -32,6 +32,7 @@ class Case(NamedTuple):
 CASES: dict[str, Case] = {
     "capture_certificate": Case("true", True, "maybe", False, False),
     "capture_certificate_chain": Case("1", True, "2", False, False),
+    "capture_ja3": Case("on", True, "md5", False, False),
     "log_success": Case("yes", True, "sometimes", False, False),
     "log_rate_limit": Case("20", 20, "0", 7, 7),
     "peer_certificate_limit": Case("50", 50, "-3", 9, 9),
@@ -69,6 +70,16 @@ CASES: dict[str, Case] = {
         ("http://x/crl",),
     ),
     "revocation_timeout": Case("0.5", 0.5, "-1", 3, 3.0),
+    "request_attributes": Case("FULL", "full", "everything", "lean", "lean"),
+    "client_handshake_spans": Case("false", False, "never", True, True),
+    "expected_server_spiffe_ids": Case(
+        "spiffe://demo.test/ns/shop/sa/backend, spiffe://demo.test/ns/pay/*",
+        ("spiffe://demo.test/ns/shop/sa/backend", "spiffe://demo.test/ns/pay/*"),
+        "https://demo.test/backend",
+        ["spiffe://x.test/a"],
+        ("spiffe://x.test/a",),
+    ),
+    "expected_server_issuers": Case(ISSUER_DN, ISSUER_DN, "CN=a=b,,", "CN=Other", "CN=Other"),
 }
 
 

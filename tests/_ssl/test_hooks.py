@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -46,8 +46,8 @@ CLIENT_EXPECTED: dict[tuple[str, str], str | None] = {
     ("other_ca", "1.2"): "peer_rejected_certificate",
     ("expired", "1.2"): "peer_rejected_certificate",
     # OpenSSL answers a missing certificate in TLS 1.2 with the generic
-    # handshake_failure alert, which names no cause.
-    ("none_required", "1.2"): "unknown_failure",
+    # handshake_failure alert: after our empty Certificate, it is about our certificate.
+    ("none_required", "1.2"): "peer_rejected_certificate",
 }
 
 
@@ -61,6 +61,12 @@ def client_expected(case: str, version: str, mode: str) -> str | None:
 
 
 MODES = ["blocking", "asyncio", "uvloop"]
+
+# case -> the certificate a rejected client presented
+PRESENTED: dict[str, Callable[[PKI], Leaf]] = {
+    "other_ca": lambda p: p.untrusted_client,
+    "expired": lambda p: p.expired_client,
+}
 
 
 def run(mode: str, pki: PKI, case: str, version: str) -> Outcome:
@@ -98,6 +104,33 @@ def check_common(span: ReadableSpan, error_type: str | None, version: str) -> di
     return attrs
 
 
+def check_client_certificate(server: Mapping[str, Any], case: str, pki: PKI) -> None:
+    """What the server span names of the client's certificate, verified or not."""
+    if case == "valid":
+        assert server["tls.client.subject"] == "CN=web-client,O=mTLS tests"
+        assert server["tls.client.issuer"] == "CN=mTLS test CA root,O=mTLS test CA"
+        assert (
+            server["tls.client.hash.sha256"] == hashlib.sha256(pki.client.der).hexdigest().upper()
+        )
+        assert server["tls.client.x509.serial_number"] == "1234ABCD"
+        assert server["tls.client.x509.subject.common_name"] == "web-client"
+        assert server["tls.client.spiffe_id"] == "spiffe://example.org/ns/default/sa/web"
+        assert server["tls.client.x509.alternative_names"] == (
+            "DNS:web.example.org",
+            "URI:spiffe://example.org/ns/default/sa/web",
+        )
+        assert str(server["tls.client.not_after"]).endswith(".000Z")
+    elif case in PRESENTED:
+        # A rejected certificate is named, unverified, with why it was rejected.
+        presented = PRESENTED[case](pki)
+        assert server["tls.client.hash.sha256"] == hashlib.sha256(presented.der).hexdigest().upper()
+        assert server["tls.client.subject"] == presented.certificate.subject.rfc4514_string()
+    else:
+        # Negative control: no certificate presented, none named.
+        assert not [key for key in server if key.startswith("tls.client.x509")]
+        assert "tls.client.subject" not in server
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("version", list(VERSIONS))
 @pytest.mark.parametrize("case", list(CASES))
@@ -127,40 +160,31 @@ def test_one_span_per_side(
     assert ("tls.client.verify.message" in server) is (verify_code is not None)
     assert only(handshake_spans(exporter, "server")).parent is None
 
-    if case == "valid":
-        assert server["tls.client.subject"] == "CN=web-client,O=mTLS tests"
-        assert server["tls.client.issuer"] == "CN=mTLS test CA root,O=mTLS test CA"
-        assert (
-            server["tls.client.hash.sha256"] == hashlib.sha256(pki.client.der).hexdigest().upper()
-        )
-        assert server["tls.client.x509.serial_number"] == "1234ABCD"
-        assert server["tls.client.x509.subject.common_name"] == "web-client"
-        assert server["tls.client.spiffe_id"] == "spiffe://example.org/ns/default/sa/web"
-        assert server["tls.client.x509.alternative_names"] == (
-            "DNS:web.example.org",
-            "URI:spiffe://example.org/ns/default/sa/web",
-        )
-        assert str(server["tls.client.not_after"]).endswith(".000Z")
-    else:
-        # Negative control: no identity is claimed for a client that was not accepted.
-        assert not [key for key in server if key.startswith("tls.client.x509")]
-        assert "tls.client.subject" not in server
+    check_client_certificate(server, case, pki)
 
+    # The server reads the name the client asked for from its ClientHello.
+    assert server["server.address"] == server["tls.client.server_name"] == "localhost"
+    assert str(server["tls.client.ja4"]).startswith("t13d")  # a TLS 1.3-capable client
     if mode != "uvloop":
         # uvloop's compiled SSL protocol hides the transport from us (README: limits).
-        assert server["client.address"] == "127.0.0.1"
-        assert isinstance(server["client.port"], int)
-        assert server["server.address"] == "127.0.0.1"
+        assert server["client.address"] == server["network.peer.address"] == "127.0.0.1"
+        assert server["client.port"] == server["network.peer.port"]
+        assert server["network.local.address"] == "127.0.0.1"
+        assert server["server.port"] == server["network.local.port"]
 
     client_error = client_expected(case, version, mode)
     client = check_common(only(handshake_spans(exporter, "client")), client_error, version)
     assert client["tls.client.server_name"] == "localhost"
+    assert client["server.address"] == "localhost"
+    # The server's certificate is named whether or not the handshake then failed.
+    assert client["tls.server.subject"] == "CN=server.test,O=mTLS tests"
+    assert client["tls.server.x509.alternative_names"] == ("DNS:localhost", "IP:127.0.0.1")
     if client_error is None:
-        assert client["tls.server.subject"] == "CN=server.test,O=mTLS tests"
         assert client["tls.server.verify.result"] == "success"
-        assert client["tls.server.x509.alternative_names"] == ("DNS:localhost", "IP:127.0.0.1")
-    else:
-        assert "tls.server.subject" not in client
+    if "network.peer.address" in client:
+        # (A blocking socket the server has already reset has no peer address to read.)
+        assert client["network.peer.address"] == "127.0.0.1"
+        assert client["server.port"] == client["network.peer.port"]
     # The client span never describes the client's own certificate.
     assert not [
         key for key in client if key.startswith("tls.client.") and key != "tls.client.server_name"

@@ -85,7 +85,14 @@ def test_omit_mode_keeps_fingerprint_and_verify_result_only(
     text = capture(pki, instrumented, exporter, quiet, identity_mode="omit")
     assert not [secret for secret in SECRETS if secret in text]
     client_keys = {k for k in server_attributes(exporter) if k.startswith("tls.client.")}
-    fingerprints = {"tls.client.hash.sha256", "tls.client.verify.result"}
+    # The fingerprints, the verify result, and what the hello says of the server and of
+    # the client's TLS stack (the name it asked for, JA4): none of them names the client.
+    fingerprints = {
+        "tls.client.hash.sha256",
+        "tls.client.verify.result",
+        "tls.client.server_name",
+        "tls.client.ja4",
+    }
     if sys.version_info >= (3, 13):
         fingerprints.add("tls.client.chain.hash.sha256")  # the chain's: they name no one
     assert client_keys == fingerprints

@@ -28,7 +28,7 @@ API
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -39,15 +39,29 @@ from opentelemetry.instrumentation.instrumentor import (  # type: ignore[attr-de
 from opentelemetry.instrumentation.mtls import _diagnostics
 from opentelemetry.instrumentation.mtls._config import ExceptionSignals, MTLSConfig
 from opentelemetry.instrumentation.mtls._patch import Patches
+from opentelemetry.instrumentation.mtls._requests import (
+    aiohttp,
+    client_hooks,
+    server_spans,
+    servers,
+    wsgi,
+)
 from opentelemetry.instrumentation.mtls._requests import identity as _identity
 from opentelemetry.instrumentation.mtls._requests.asgi import (
     MTLSMiddleware,
-    client_identity,
     install_asgi_hook,
 )
+from opentelemetry.instrumentation.mtls._requests.asgi import client_identity as _scope_identity
+from opentelemetry.instrumentation.mtls._requests.clients import ClientSettings
 from opentelemetry.instrumentation.mtls._requests.connection import ServerConnections
-from opentelemetry.instrumentation.mtls._requests.identity import ClientIdentity, RequestSettings
+from opentelemetry.instrumentation.mtls._requests.grpc import install_grpc_interceptor
+from opentelemetry.instrumentation.mtls._requests.identity import (
+    ClientIdentity,
+    RequestSettings,
+    client_identity,
+)
 from opentelemetry.instrumentation.mtls._requests.revocation import RevocationChecker
+from opentelemetry.instrumentation.mtls._requests.trio import install_trio_connections
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
 from opentelemetry.instrumentation.mtls._signals.providers import Providers
 from opentelemetry.instrumentation.mtls._ssl.hooks import SSLHooks
@@ -62,6 +76,18 @@ __all__ = [
     "__version__",
     "client_identity",
 ]
+
+
+def _mapping_identity(request: MutableMapping[str, Any]) -> ClientIdentity | None:
+    # An ASGI scope and a WSGI environ are both mappings; only the environ has wsgi.version.
+    if isinstance(request, dict) and "wsgi.version" in request:
+        return wsgi.client_identity(request)
+    return _scope_identity(request)
+
+
+# An ASGI scope and a WSGI environ are mappings; aiohttp requests and gRPC contexts are
+# registered when their libraries are imported.
+client_identity.register(Mapping, _mapping_identity)
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.37.0"
 
@@ -111,12 +137,15 @@ class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         local = _install_local_certificates(telemetry, patches)
         cls._connections = _install_connections(config, local, patches)
         _install_requests(config, telemetry, patches)
+        _install_server_spans(kwargs.get("tracer_provider"), cls._connections, patches)
+        _install_clients(config, telemetry, patches)
         _diagnostics.watch(telemetry)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         cls = type(self)
         _diagnostics.watch(None)
         _restore_requests()
+        _restore_server_spans()
         if cls._patches is not None:
             cls._patches.restore()
             cls._patches = None
@@ -157,11 +186,12 @@ def _install_connections(
         )
     connections = ServerConnections(local, revocation, plaintext=bool(config.trusted_proxies))
     connections.install(patches)
+    install_trio_connections(connections, patches)
     return connections
 
 
 def _install_requests(config: MTLSConfig, telemetry: HandshakeTelemetry, patches: Patches) -> None:
-    """Put the request settings in force, and our hook into contrib's ASGI middleware."""
+    """Put the request settings in force; our hook, middleware, interceptor into servers."""
     _identity.configure(
         RequestSettings(
             trusted_proxies=config.trusted_proxies,
@@ -178,6 +208,35 @@ def _install_requests(config: MTLSConfig, telemetry: HandshakeTelemetry, patches
         )
     )
     install_asgi_hook(patches)
+    aiohttp.install_aiohttp_middleware(patches)
+    install_grpc_interceptor(patches)
+
+
+def _install_clients(config: MTLSConfig, telemetry: HandshakeTelemetry, patches: Patches) -> None:
+    """Give each outgoing request's client span its server's identity: httpx, requests, aiohttp."""
+    settings = ClientSettings(
+        full=config.request_attributes == "full",
+        redaction=telemetry.redaction,
+        rules=config.server_identity_rules(),
+        decisions=telemetry.instruments.identity_decisions,
+        audit=telemetry.audit,
+    )
+    client_hooks.install(settings, patches)
+
+
+def _install_server_spans(
+    tracer_provider: object | None, connections: ServerConnections, patches: Patches
+) -> None:
+    """Give every request's server span its identity, whichever instrumentation made it."""
+    server_spans.install(patches, tracer_provider)
+    wsgi.configure(connections.describe)
+    aiohttp.configure(connections.describe)
+    servers.install(patches)
+
+
+def _restore_server_spans() -> None:
+    wsgi.configure(None)
+    aiohttp.configure(None)
 
 
 def _restore_requests() -> None:

@@ -38,6 +38,8 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 REVOCATION_MODES: Final = ("off", "observe", "enforce")
+REQUEST_ATTRIBUTES: Final = ("lean", "full")
+"""How much of a connection's handshake its request spans carry."""
 PROXY_HEADERS: Final = ("xfcc", "rfc9440", "traefik", "nginx")
 """The client-certificate header formats, named as ``tls.client.identity.source`` names them."""
 
@@ -204,6 +206,22 @@ def _san_patterns(value: str) -> str:
     return value
 
 
+_SPIFFE: Final = "spiffe://"
+
+
+def _spiffe_ids(value: str | Iterable[str]) -> tuple[str, ...]:
+    ids = _strings(value)
+    if not all(spiffe_id.lower().startswith(_SPIFFE) for spiffe_id in ids):
+        raise ValueError("expected spiffe:// IDs, comma-separated, where * matches anything")
+    IdentityRules(san_patterns=_uri_patterns(ids))  # raises ValueError on a malformed one
+    return ids
+
+
+def _uri_patterns(spiffe_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """SPIFFE IDs as the identity policy's SAN patterns: a SPIFFE ID is a URI SAN."""
+    return tuple(f"URI:{spiffe_id}" for spiffe_id in spiffe_ids)
+
+
 _PREFIX: Final = "OTEL_PYTHON_MTLS_"
 _PARSE: Final = "parse"
 _T = TypeVar("_T")
@@ -226,6 +244,8 @@ class MTLSConfig:
     """Record the peer's PEM leaf as ``tls.*.certificate``."""
     capture_certificate_chain: bool = _option(False, _boolean)
     """Record the peer's PEM chain as ``tls.*.certificate_chain``."""
+    capture_ja3: bool = _option(False, _boolean)
+    """Record the JA3 fingerprint of each client's ClientHello as ``tls.client.ja3``."""
     log_success: bool = _option(False, _boolean)
     """Write a ``tls.handshake.succeeded`` record for every successful handshake."""
     log_rate_limit: int = _option(5, _positive_int)
@@ -261,6 +281,21 @@ class MTLSConfig:
     revocation_timeout: float = _option(2.0, _positive_float)
     """Seconds a whole revocation check may take (every download and redirect) before the
     answer is ``unknown``."""
+    request_attributes: str = _option("lean", _choice(REQUEST_ATTRIBUTES))
+    """What request spans carry of their connection's handshake: ``lean``, the peer's
+    identity; ``full``, every peer certificate attribute, the version, cipher, resumption."""
+    client_handshake_spans: bool = _option(True, _boolean)
+    """Make ``TLS client handshake`` spans; client metrics and logs are made either way."""
+    expected_server_spiffe_ids: tuple[str, ...] = _option((), _spiffe_ids)
+    """Client identity policy: the SPIFFE IDs servers may have (``*`` matches anything)."""
+    expected_server_issuers: str | None = _option(None, _issuers)
+    """Client identity policy: servers' issuer DNs (``;``-separated) or CA SHA-256s."""
+
+    def server_identity_rules(self) -> IdentityRules:
+        """Return the client side's identity policy: the servers this process expects."""
+        issuers = IdentityRules.parse(self.expected_server_issuers, None, None).allowed_issuers
+        spiffe_ids = _uri_patterns(self.expected_server_spiffe_ids)
+        return IdentityRules(allowed_issuers=issuers, san_patterns=spiffe_ids)
 
     def identity_rules(self) -> IdentityRules:
         """Return the identity policy's rules; invalid rules warn and are dropped."""

@@ -10,6 +10,7 @@ met at several places on the hot path cannot flood the host's logs.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Final
 
@@ -19,6 +20,15 @@ MAX_DISTINCT: Final = 10
 """Distinct failures logged as warnings; past these, every failure is a debug record."""
 _reported: set[tuple[str, str]] = set()
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock at the fork: the child's is free.
+    global _lock  # noqa: PLW0603
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def report(where: str, exc: BaseException) -> None:

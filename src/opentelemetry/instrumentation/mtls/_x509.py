@@ -24,7 +24,7 @@ import hashlib
 import re
 import ssl
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -40,6 +40,7 @@ __all__ = [
     "TRUNCATED_NAMES",
     "CertificateEncodingError",
     "CertificateInfo",
+    "auth_context_certificate",
     "bounded_names",
     "decode_base64",
     "der_to_pem",
@@ -318,3 +319,14 @@ def first_pem_certificate(pem: bytes) -> bytes | None:
         return next(_pem_blocks(pem))
     except CertificateEncodingError:
         return None
+
+
+def auth_context_certificate(auth_context: Mapping[str, Sequence[bytes]]) -> bytes | None:
+    """Return the DER of the peer certificate of a gRPC call's ``auth_context()``, if any.
+
+    gRPC core puts the leaf it verified there as ``x509_pem_cert``, next to the CN and SANs
+    it read from it; the certificate itself says all of that, and its fingerprint too.
+    Nothing else in a call (metadata included) can put a value there.
+    """
+    values = auth_context.get("x509_pem_cert")
+    return first_pem_certificate(values[0]) if values else None

@@ -72,6 +72,15 @@ TLS_CLIENT_IDENTITY_DECISION: Final = "tls.client.identity.decision"
 TLS_CLIENT_IDENTITY_RULE: Final = "tls.client.identity.rule"
 """The identity policy rule that decided, e.g. ``issuer``, ``spiffe_trust_domain``."""
 
+TLS_SERVER_IDENTITY_SOURCE: Final = "tls.server.identity.source"
+"""Where a client request's server identity came from: ``handshake`` (of its connection)."""
+
+TLS_SERVER_IDENTITY_DECISION: Final = "tls.server.identity.decision"
+"""What the client's identity policy decided of a request's server: ``allowed``, ``denied``."""
+
+TLS_SERVER_IDENTITY_RULE: Final = "tls.server.identity.rule"
+"""The client's identity policy rule that decided: ``spiffe_id``, ``issuer``…"""
+
 TLS_CLIENT_REVOCATION_STATUS: Final = "tls.client.revocation.status"
 """Whether the client certificate is revoked: ``good``, ``revoked`` or ``unknown``."""
 
@@ -107,3 +116,24 @@ CERTIFICATE_ROLE_LOCAL: Final = "local"
 
 CERTIFICATE_ROLE_PEER: Final = "peer"
 """A certificate a peer presented to this process."""
+
+TLS_CLIENT_JA4: Final = "tls.client.ja4"
+"""JA4 fingerprint of the client's ClientHello (the BSD-licensed JA4 TLS client fingerprint)."""
+
+TLS_CLIENT_OFFERED_VERSIONS: Final = "tls.client.offered_versions"
+"""TLS versions the client's ClientHello offered (``1.3``, ``1.2``, ...), on failed handshakes."""
+
+TLS_CLIENT_OFFERED_NEXT_PROTOCOLS: Final = "tls.client.offered_next_protocols"
+"""ALPN protocols the client's ClientHello offered, when none was agreed."""
+
+TLS_ALERT: Final = "tls.alert"
+"""The TLS alert that passed in the handshake, as RFC 8446 names it (e.g. ``unknown_ca``)."""
+
+TLS_ALERT_SOURCE: Final = "tls.alert.source"
+"""Who sent ``tls.alert``: ``local`` (this side) or ``peer``."""
+
+TLS_ALERT_SOURCE_LOCAL: Final = "local"
+"""This side sent the alert."""
+
+TLS_ALERT_SOURCE_PEER: Final = "peer"
+"""The peer sent the alert."""

@@ -13,6 +13,7 @@ with the user's own hook.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 
@@ -22,8 +23,14 @@ from opentelemetry.trace import Span
 from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
 from opentelemetry.instrumentation.mtls._requests import identity as _identity
+from opentelemetry.instrumentation.mtls._requests import server_spans
 from opentelemetry.instrumentation.mtls._requests.connection import CURRENT, Connection
-from opentelemetry.instrumentation.mtls._requests.enrichment import enrich, record_revocation
+from opentelemetry.instrumentation.mtls._requests.enrichment import (
+    REVOCATION_GRACE_S,
+    enrich,
+    forbidden,
+    record_revocation,
+)
 from opentelemetry.instrumentation.mtls._requests.identity import (
     ClientIdentity,
     RequestSettings,
@@ -44,8 +51,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 _RESOLUTION: Final = "otel.mtls.resolution"
 """Scope key holding the request's resolution, made once when the request starts."""
 _KINDS: Final = ("http", "websocket")
-# How much longer than a revocation check's own bound enforcement waits for its answer.
-_REVOCATION_GRACE_S: Final = 0.5
+_OPENED: Final = "otel_mtls_opens_requests"
+"""Marks an application :func:`open_requests` made, so that it is never wrapped twice."""
 
 
 def client_identity(scope: Scope) -> ClientIdentity | None:
@@ -63,6 +70,15 @@ def resolution_of(scope: Scope) -> Resolution | None:
     resolution: Resolution | None = scope.get(_RESOLUTION)
     if resolution is not None or scope.get("type") not in _KINDS:
         return resolution
+    resolution = server_spans.opened()
+    if resolution is None:
+        return _resolve(scope)
+    _keep(scope, resolution)
+    return resolution
+
+
+def _resolve(scope: Scope) -> Resolution:
+    """Resolve a request from its scope and connection, and keep it in the scope."""
     settings = _identity.SETTINGS
     wanted = settings.identity_header_names
     headers: dict[bytes, bytes] = {}
@@ -78,10 +94,14 @@ def resolution_of(scope: Scope) -> Resolution | None:
         _extension_leaf(scope) if connection is None else None,
         settings,
     )
+    _keep(scope, resolution)
+    return resolution
+
+
+def _keep(scope: Scope, resolution: Resolution) -> None:
     scope[_RESOLUTION] = resolution
     if resolution.connection is not None and resolution.connection.record is not None:
         _fill_extension(scope, resolution.connection)
-    return resolution
 
 
 def enrich_request(span: Span, scope: Scope) -> Resolution | None:
@@ -150,22 +170,12 @@ async def _revoked(resolution: Resolution, settings: RequestSettings) -> bool:
     if not future.done():
         try:
             await asyncio.wait_for(
-                asyncio.wrap_future(future), settings.revocation_timeout + _REVOCATION_GRACE_S
+                asyncio.wrap_future(future), settings.revocation_timeout + REVOCATION_GRACE_S
             )
         except Exception:
             return False  # no answer in time: the check says unknown, which is not revoked
         record_revocation(trace.get_current_span(), resolution, settings)
     return bool(future.result().status == REVOKED)
-
-
-def _forbidden(resolution: Resolution | None, settings: RequestSettings) -> bool:
-    if resolution is None:
-        return False
-    decision = resolution.decision
-    if settings.enforce and decision is not None and not decision.allowed:
-        return True
-    # Enforcing revocation where no check can run: identity headers it cannot verify.
-    return settings.revocation_enforce and resolution.unverifiable
 
 
 class MTLSMiddleware:
@@ -190,7 +200,7 @@ class MTLSMiddleware:
         if scope.get("type") in _KINDS:
             settings = _identity.SETTINGS
             resolution = enrich_request(trace.get_current_span(), scope)
-            if _forbidden(resolution, settings) or (
+            if forbidden(resolution, settings) or (
                 settings.revocation_enforce
                 and resolution is not None
                 and await _revoked(resolution, settings)
@@ -210,6 +220,31 @@ async def _forbid(scope: Scope, receive: Receive, send: Send) -> None:
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": 403, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def open_requests(app: ASGIApp) -> ASGIApp:
+    """Wrap a server's ASGI application: each request on a known connection is opened.
+
+    While the application runs, the first server span any SDK tracer starts for the
+    request gets its identity (:mod:`.server_spans`): FastAPI's and Starlette's own
+    telemetry, contrib's middleware, the application's own span. Servers wrap their
+    application with this (:mod:`.servers`); other requests pass through untouched.
+    """
+    if getattr(app, _OPENED, False):
+        return app
+
+    async def application(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") not in _KINDS or CURRENT.get() is None:
+            await app(scope, receive, send)
+            return
+        token = server_spans.begin(functools.partial(_resolve, scope))
+        try:
+            await app(scope, receive, send)
+        finally:
+            server_spans.end(token)
+
+    setattr(application, _OPENED, True)
+    return application
 
 
 def compose_server_request_hook(

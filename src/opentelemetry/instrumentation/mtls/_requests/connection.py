@@ -31,7 +31,12 @@ from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
 from opentelemetry.instrumentation.mtls._ssl.hooks import connection_record
 from opentelemetry.instrumentation.mtls._ssl.local_certificates import LocalCertificates
-from opentelemetry.instrumentation.mtls._ssl.record import Address, HandshakeRecord, socket_address
+from opentelemetry.instrumentation.mtls._ssl.record import (
+    Address,
+    HandshakeRecord,
+    SSLEndpoint,
+    socket_address,
+)
 from opentelemetry.instrumentation.mtls._x509 import parse_certificate, sha256_hex
 
 _SHADOWED: Final = ("connection_made", "data_received", "eof_received", "buffer_updated")
@@ -49,7 +54,7 @@ class Connection:
     """The TCP peer, from the socket: what a proxy's trust is judged on."""
     record: HandshakeRecord | None = None
     """The connection's handshake; None on a plaintext connection."""
-    ssl_object: weakref.ref[ssl.SSLObject] | None = None
+    ssl_object: weakref.ref[SSLEndpoint] | None = None
     """For reading the verified chain (Python 3.13+) when a request first asks."""
     server_certificate: str | None = None
     """PEM of the certificate the server presented, when the process loaded it."""
@@ -210,8 +215,9 @@ class ServerConnections:
         """Build the connection a transport carries: its addresses, and its handshake."""
         local = socket_address(transport.get_extra_info("sockname"))
         peer = socket_address(transport.get_extra_info("peername"))
+        # An asyncio transport's SSLObject, or a blocking server's own SSLSocket (WSGI).
         sslobj = transport.get_extra_info("ssl_object")
-        if not isinstance(sslobj, ssl.SSLObject):
+        if not isinstance(sslobj, ssl.SSLObject | ssl.SSLSocket):
             return Connection(local, peer) if self._plaintext else None
         record = connection_record(sslobj)
         connection = Connection(

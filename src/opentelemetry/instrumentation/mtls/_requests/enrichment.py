@@ -32,6 +32,8 @@ from opentelemetry.instrumentation.mtls.attributes import (
 DECISION_EVENT: Final = "tls.identity.decision"
 REVOCATION_EVENT: Final = "tls.revocation.checked"
 _REVOCATION_COUNTED: Final = "revocation counted"
+REVOCATION_GRACE_S: Final = 0.5
+"""How much longer than a revocation check's own bound enforcement waits for its answer."""
 
 
 def enrich(span: Span, resolution: Resolution, settings: RequestSettings) -> None:
@@ -102,3 +104,14 @@ def record_revocation(span: Span, resolution: Resolution, settings: RequestSetti
     if counter is not None and not connection.cache.get(_REVOCATION_COUNTED):
         connection.cache[_REVOCATION_COUNTED] = True
         counter.add(1, attributes)
+
+
+def forbidden(resolution: Resolution | None, settings: RequestSettings) -> bool:
+    """Whether an enforcing middleware refuses the request without waiting for revocation."""
+    if resolution is None:
+        return False
+    decision = resolution.decision
+    if settings.enforce and decision is not None and not decision.allowed:
+        return True
+    # Enforcing revocation where no check can run: identity headers it cannot verify.
+    return settings.revocation_enforce and resolution.unverifiable

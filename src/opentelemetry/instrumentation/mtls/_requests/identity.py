@@ -10,6 +10,7 @@ identity policy and revocation all read this one object.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -31,6 +32,7 @@ from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
 from opentelemetry.instrumentation.mtls._requests.rules import Decision, IdentityRules, decide
 from opentelemetry.instrumentation.mtls._signals.audit import AuditLog
 from opentelemetry.instrumentation.mtls._signals.handshake import (
+    certificate_attributes,
     info_attributes,
     record_certificate_attributes,
 )
@@ -51,6 +53,7 @@ from opentelemetry.instrumentation.mtls.attributes import (
 
 SOURCE_HANDSHAKE: Final = "handshake"
 SOURCE_ASGI_EXTENSION: Final = "asgi_extension"
+SOURCE_GRPC_AUTH_CONTEXT: Final = "grpc_auth_context"
 RULE_UNTRUSTED_PROXY_HEADER: Final = "untrusted_proxy_header"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -118,6 +121,17 @@ class ClientIdentity:
     def spiffe_id(self) -> str | None:
         """The first ``spiffe://`` URI SAN."""
         return self.certificate.spiffe_id
+
+
+@functools.singledispatch
+def client_identity(request: object) -> ClientIdentity | None:
+    """Return the identity of the client certificate of a request, if it had one.
+
+    ``request`` is what the server hands the application: an ASGI scope, an aiohttp
+    request, a gRPC servicer context. Each integration registers the type of its own;
+    anything else has no identity.
+    """
+    return None
 
 
 @dataclass(slots=True)
@@ -193,11 +207,41 @@ def resolve(
         if connection is not None and connection.record is not None:
             resolution = _from_handshake(connection, settings)
         elif connection is None and extension_leaf is not None:
-            resolution = _from_extension(extension_leaf, settings)
+            resolution = _from_verified(extension_leaf, SOURCE_ASGI_EXTENSION, settings)
         else:
             resolution = Resolution(connection, None, {})
     resolution.reports = reports
     resolution.unverifiable = connection is None and (bool(headers) or extension_leaf is not None)
+    if not settings.rules.empty:
+        resolution.decision = _decide(resolution, settings)
+    return resolution
+
+
+def resolve_verified(
+    leaf: bytes | None,
+    session: Mapping[str, AttributeValue] | None,
+    source: str,
+    settings: RequestSettings,
+) -> Resolution:
+    """Resolve a call's identity from what a server whose TLS is not Python's verified itself.
+
+    gRPC's TLS is its own (BoringSSL in gRPC core), so no connection of ours and no
+    handshake span exist: the server hands over the verified ``leaf`` (None when the client
+    presented none) and ``session``, its attributes of the TLS session, or None when the
+    call did not come over TLS (then there is no identity and nothing to add to the span).
+    """
+    if session is None:
+        resolution = Resolution(None, None, {})
+    elif leaf is None:
+        attributes: Attributes = {
+            **session,
+            TLS_CLIENT_IDENTITY_SOURCE: source,
+            TLS_CLIENT_VERIFY_RESULT: VERIFY_RESULT_NONE,
+        }
+        resolution = Resolution(None, None, attributes)
+    else:
+        resolution = _from_verified(leaf, source, settings)
+        resolution.attributes = {**session, **resolution.attributes}
     if not settings.rules.empty:
         resolution.decision = _decide(resolution, settings)
     return resolution
@@ -293,15 +337,15 @@ def _from_proxy(
     return resolution
 
 
-def _from_extension(leaf: bytes, settings: RequestSettings) -> Resolution:
-    """Resolve the identity a server put in the ASGI TLS extension itself."""
+def _from_verified(leaf: bytes, source: str, settings: RequestSettings) -> Resolution:
+    """Resolve the identity of a certificate the server verified itself (``source`` says how)."""
     certificate = parse_certificate(leaf)
     attributes: Attributes = {
-        **info_attributes(certificate, True, settings.redaction),
-        TLS_CLIENT_IDENTITY_SOURCE: SOURCE_ASGI_EXTENSION,
+        **certificate_attributes(leaf, True, settings.redaction),
+        TLS_CLIENT_IDENTITY_SOURCE: source,
         TLS_CLIENT_VERIFY_RESULT: VERIFY_RESULT_SUCCESS,
     }
-    identity = ClientIdentity(certificate, der_to_pem(leaf), SOURCE_ASGI_EXTENSION)
+    identity = ClientIdentity(certificate, der_to_pem(leaf), source)
     return Resolution(None, identity, attributes)
 
 

@@ -24,6 +24,7 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 
+from opentelemetry.instrumentation.mtls import _forks
 from opentelemetry.instrumentation.mtls.attributes import TLS_LOG_SUPPRESSED_COUNT
 
 AUDIT_LOGGER_NAME: Final = "opentelemetry.instrumentation.mtls.audit"
@@ -64,6 +65,10 @@ class RateLimiter:
         self.limit = limit
         self._windows: OrderedDict[tuple[object, ...], _Window] = OrderedDict()
         self._lock = threading.Lock()
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()  # no thread of the child holds it
 
     def admit(self, key: tuple[object, ...]) -> int | None:
         """Return None to suppress this record, else how many were suppressed before it."""

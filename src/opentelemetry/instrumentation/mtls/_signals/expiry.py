@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from opentelemetry.instrumentation.mtls import _forks
 from opentelemetry.instrumentation.mtls._redaction import NO_REDACTION, OMIT, Redaction
 from opentelemetry.instrumentation.mtls._signals import audit as _audit
 from opentelemetry.instrumentation.mtls._x509 import CertificateInfo
@@ -52,6 +53,10 @@ class CertificateExpiry:
         self._peers: OrderedDict[str, CertificateInfo] = OrderedDict()
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()  # no thread of the child holds it
 
     def add_local(self, info: CertificateInfo) -> None:
         """Observe a certificate this process presents; warn if it expires soon."""

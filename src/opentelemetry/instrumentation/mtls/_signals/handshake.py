@@ -20,9 +20,11 @@ from opentelemetry.semconv.attributes import (
     client_attributes,
     error_attributes,
     exception_attributes,
+    network_attributes,
     server_attributes,
 )
 from opentelemetry.trace import (
+    NonRecordingSpan,
     Span,
     SpanContext,
     SpanKind,
@@ -39,7 +41,15 @@ from opentelemetry.instrumentation.mtls._signals import audit as _audit
 from opentelemetry.instrumentation.mtls._signals.expiry import CertificateExpiry
 from opentelemetry.instrumentation.mtls._signals.metrics import Instruments
 from opentelemetry.instrumentation.mtls._signals.providers import Providers
+from opentelemetry.instrumentation.mtls._ssl.client_hello import (
+    ClientHello,
+    is_grease,
+    ja3,
+    ja4,
+    offered_versions,
+)
 from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord
+from opentelemetry.instrumentation.mtls._ssl.values import CIPHER_SUITES
 from opentelemetry.instrumentation.mtls._x509 import (
     CertificateInfo,
     der_to_pem,
@@ -191,25 +201,20 @@ def handshake_attributes(
         value = getattr(record, name)
         if value is not None:
             attrs[key] = value
-    server, client = (
-        (record.local_address, record.peer_address)
-        if record.server_side
-        else (record.peer_address, record.local_address)
-    )
-    if server is not None:
-        attrs[server_attributes.SERVER_ADDRESS] = server[0]
-        attrs[server_attributes.SERVER_PORT] = server[1]
-    if client is not None and record.server_side:
-        attrs[client_attributes.CLIENT_ADDRESS] = client[0]
-        attrs[client_attributes.CLIENT_PORT] = client[1]
-    if record.peer_der is not None:
-        attrs.update(
-            record_certificate_attributes(record, redaction, peer_is_client=record.server_side)
-        )
+    _address_attributes(record, attrs)
+    # A failed handshake names the certificate the peer presented, unverified.
+    der = record.peer_der if record.peer_der is not None else record.presented_der
+    if der is not None:
+        if record.peer_der is not None:
+            attrs.update(
+                record_certificate_attributes(record, redaction, peer_is_client=record.server_side)
+            )
+        else:
+            attrs.update(certificate_attributes(der, record.server_side, redaction))
         # A PEM certificate names its subject: recorded in plain mode only.
         show_pem = redaction.shows_certificate
         if show_pem and config.capture_certificate:
-            attrs[peer.certificate] = der_to_pem(record.peer_der)
+            attrs[peer.certificate] = der_to_pem(der)
         if record.peer_chain:
             attrs[peer.chain_hash_sha256] = [
                 parse_certificate(der).sha256 for der in record.peer_chain
@@ -220,9 +225,64 @@ def handshake_attributes(
         value = getattr(record, name)
         if value is not None:
             attrs[getattr(peer, name)] = value
+    if record.client_hello is not None:
+        _offer_attributes(record, record.client_hello, config, attrs)
+    if record.alert is not None:
+        attrs[names.TLS_ALERT] = record.alert
+        attrs[names.TLS_ALERT_SOURCE] = record.alert_source or names.TLS_ALERT_SOURCE_PEER
     if record.error_type is not None:
         attrs[error_attributes.ERROR_TYPE] = record.error_type
     return attrs
+
+
+def _address_attributes(record: HandshakeRecord, attrs: Attributes) -> None:
+    """Add the contract's address rows: the server as the client named it, and the sockets."""
+    local, peer = record.local_address, record.peer_address
+    server = local if record.server_side else peer
+    if record.server_name is not None:
+        attrs[server_attributes.SERVER_ADDRESS] = record.server_name
+    elif server is not None:
+        attrs[server_attributes.SERVER_ADDRESS] = server[0]
+    if server is not None:
+        attrs[server_attributes.SERVER_PORT] = server[1]
+    if peer is not None:
+        if record.server_side:
+            attrs[client_attributes.CLIENT_ADDRESS] = peer[0]
+            attrs[client_attributes.CLIENT_PORT] = peer[1]
+        attrs[network_attributes.NETWORK_PEER_ADDRESS] = peer[0]
+        attrs[network_attributes.NETWORK_PEER_PORT] = peer[1]
+    if local is not None:
+        attrs[network_attributes.NETWORK_LOCAL_ADDRESS] = local[0]
+        attrs[network_attributes.NETWORK_LOCAL_PORT] = local[1]
+
+
+_CIPHER_NAMES: Final[dict[int, str]] = {
+    **{code: iana for iana, code in CIPHER_SUITES.values()},
+    0x00FF: "TLS_EMPTY_RENEGOTIATION_INFO_SCSV",
+    0x5600: "TLS_FALLBACK_SCSV",
+}
+MAX_OFFERED: Final = 64
+"""Entries kept of each list a ClientHello offered: the message bounds them, this bounds a span."""
+
+
+def _offer_attributes(
+    record: HandshakeRecord, hello: ClientHello, config: MTLSConfig, attrs: Attributes
+) -> None:
+    """Add what the client's ClientHello offered: its fingerprints, and on failures its lists."""
+    attrs[names.TLS_CLIENT_JA4] = ja4(hello)
+    if config.capture_ja3:
+        attrs[tls.TLS_CLIENT_JA3] = ja3(hello)
+    failed = record.error is not None
+    if failed:
+        ciphers = [c for c in hello.cipher_suites if not is_grease(c)][:MAX_OFFERED]
+        attrs[tls.TLS_CLIENT_SUPPORTED_CIPHERS] = [
+            _CIPHER_NAMES.get(code) or f"0x{code:04x}" for code in ciphers
+        ]
+        attrs[names.TLS_CLIENT_OFFERED_VERSIONS] = list(offered_versions(hello)[:MAX_OFFERED])
+    if hello.alpn and (failed or record.next_protocol is None):
+        attrs[names.TLS_CLIENT_OFFERED_NEXT_PROTOCOLS] = [
+            protocol.decode("ascii", "backslashreplace") for protocol in hello.alpn[:MAX_OFFERED]
+        ]
 
 
 class HandshakeTelemetry:
@@ -272,14 +332,20 @@ class HandshakeTelemetry:
         else:
             name, parent = CLIENT_SPAN_NAME, record.parent
             histogram = self.instruments.client_duration
-        span = self._tracer.start_span(
-            name,
-            context=parent,
-            kind=SpanKind.INTERNAL,
-            start_time=record.start_ns,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+        span: Span
+        if record.server_side or self._config.client_handshake_spans:
+            span = self._tracer.start_span(
+                name,
+                context=parent,
+                kind=SpanKind.INTERNAL,
+                start_time=record.start_ns,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+        else:
+            # No client handshake spans: a failure's log record still belongs to the
+            # request whose span was current when the connection was made.
+            span = NonRecordingSpan(trace.get_current_span(parent).get_span_context())
         attributes: Attributes | None = None
         error = record.error
         span_context: SpanContext | None = None
@@ -338,11 +404,16 @@ class HandshakeTelemetry:
         key = (peer[0] if peer else None, record.error_type)
         self.audit.write(logging.WARNING, _audit.HANDSHAKE_FAILED, build, key=key, span=span)
 
-    def peer_rejected(self, record: HandshakeRecord, error_type: str, message: str) -> None:
+    def peer_rejected(
+        self, record: HandshakeRecord, error_type: str, message: str, *, alert: str | None = None
+    ) -> None:
         """Record a TLS 1.3 server's rejection of our certificate after our handshake."""
         attributes: Attributes = {error_attributes.ERROR_TYPE: error_type}
         if record.peer_certificate is not None:
             attributes[tls.TLS_SERVER_HASH_SHA256] = record.peer_certificate.sha256
+        if alert is not None:
+            attributes[names.TLS_ALERT] = alert
+            attributes[names.TLS_ALERT_SOURCE] = names.TLS_ALERT_SOURCE_PEER
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event(_audit.PEER_REJECTED, attributes)

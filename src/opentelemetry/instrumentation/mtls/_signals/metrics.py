@@ -13,6 +13,7 @@ from typing import Final
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from opentelemetry.instrumentation.mtls import _forks
 from opentelemetry.instrumentation.mtls._signals.expiry import CertificateExpiry
 
 SERVER_HANDSHAKE_DURATION: Final = "tls.server.handshake.duration"
@@ -51,6 +52,12 @@ class ActiveHandshakes:
     """Server handshakes begun and not yet ended, observed by an up-down counter."""
 
     def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        # A forked child runs none of its parent's handshakes, and no thread holds its lock.
         self.value = 0
         self._lock = threading.Lock()
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ssl
 from typing import Final
 
+from opentelemetry.instrumentation.mtls.attributes import TLS_ALERT_SOURCE_PEER as _PEER
+
 CERTIFICATE_REQUIRED: Final = "certificate_required"
 CERTIFICATE_AUTHORITY_INVALID: Final = "certificate_authority_invalid"
 CERTIFICATE_EXPIRED: Final = "certificate_expired"
@@ -116,3 +118,98 @@ def error_type(exc: BaseException) -> str:
     if isinstance(exc, (ConnectionError, EOFError)):
         return PEER_CONNECTION_CLOSED
     return UNKNOWN_FAILURE
+
+
+# -- alerts ------------------------------------------------------------------------------
+
+ALERTS: Final[dict[int, str]] = {
+    0: "close_notify",
+    10: "unexpected_message",
+    20: "bad_record_mac",
+    21: "decryption_failed",
+    22: "record_overflow",
+    30: "decompression_failure",
+    40: "handshake_failure",
+    41: "no_certificate",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    47: "illegal_parameter",
+    48: "unknown_ca",
+    49: "access_denied",
+    50: "decode_error",
+    51: "decrypt_error",
+    60: "export_restriction",
+    70: "protocol_version",
+    71: "insufficient_security",
+    80: "internal_error",
+    86: "inappropriate_fallback",
+    90: "user_canceled",
+    100: "no_renegotiation",
+    109: "missing_extension",
+    110: "unsupported_extension",
+    111: "certificate_unobtainable",
+    112: "unrecognized_name",
+    113: "bad_certificate_status_response",
+    114: "bad_certificate_hash_value",
+    115: "unknown_psk_identity",
+    116: "certificate_required",
+    120: "no_application_protocol",
+}
+"""TLS alert descriptions by code (RFC 8446 6, with RFC 5246's and RFC 6066's older ones)."""
+
+_ALERT_NAMES: Final = frozenset(ALERTS.values())
+# OpenSSL names a received fatal alert as the exception's reason: SSL_AD_REASON_OFFSET
+# plus the alert's code, spelt e.g. TLSV1_ALERT_UNKNOWN_CA (ssl/ssl_err.c).
+_ALERT_REASON_PREFIXES: Final = ("SSLV3_ALERT_", "TLSV13_ALERT_", "TLSV1_ALERT_", "TLSV1_")
+
+# What a received alert says of a failure that OpenSSL's exception does not name.
+_PEER_ALERT_TYPES: Final[dict[str, str]] = {
+    "unexpected_message": UNEXPECTED_MESSAGE,
+    "bad_certificate": PEER_REJECTED_CERTIFICATE,
+    "unsupported_certificate": PEER_REJECTED_CERTIFICATE,
+    "certificate_revoked": PEER_REJECTED_CERTIFICATE,
+    "certificate_expired": PEER_REJECTED_CERTIFICATE,
+    "certificate_unknown": PEER_REJECTED_CERTIFICATE,
+    "unknown_ca": PEER_REJECTED_CERTIFICATE,
+    "access_denied": PEER_REJECTED_CERTIFICATE,
+    "certificate_required": PEER_REJECTED_CERTIFICATE,
+    "protocol_version": PROTOCOL_VERSION_UNSUPPORTED,
+    "insufficient_security": CIPHER_SUITE_MISMATCH,
+    "no_application_protocol": NO_APPLICATION_PROTOCOL,
+}
+
+
+def alert_name(code: int) -> str:
+    """Return an alert's RFC 8446 description; an unregistered code as its number."""
+    return ALERTS.get(code) or str(code)
+
+
+def received_alert(exc: BaseException) -> str | None:
+    """Return the alert a peer sent, as OpenSSL named it in the exception's reason."""
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    if not isinstance(reason, str):
+        return None
+    for prefix in _ALERT_REASON_PREFIXES:
+        if reason.startswith(prefix):
+            name = reason[len(prefix) :].lower()
+            return name if name in _ALERT_NAMES else None
+    return None
+
+
+def refine(
+    error_type: str, alert: str | None, alert_source: str | None, *, sent_no_certificate: bool
+) -> str:
+    """Return a more precise ``error.type`` from the alert of the attempt, where it has one.
+
+    Only a failure OpenSSL's exception does not name is refined: a TLS 1.2 server that
+    asked for a certificate and got none answers with the generic ``handshake_failure``,
+    which is about our (missing) certificate when we sent none.
+    """
+    if error_type != UNKNOWN_FAILURE or alert is None or alert_source != _PEER:
+        return error_type
+    if alert == "handshake_failure" and sent_no_certificate:
+        return PEER_REJECTED_CERTIFICATE
+    return _PEER_ALERT_TYPES.get(alert, error_type)

@@ -34,15 +34,18 @@ from typing import Any, Final
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_current
 from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PLAIN
 
-from opentelemetry.instrumentation.mtls import _failsafe
+from opentelemetry.instrumentation.mtls import _failsafe, _forks
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
+from opentelemetry.instrumentation.mtls._ssl import implicit as _implicit
+from opentelemetry.instrumentation.mtls._ssl import messages as _messages
 from opentelemetry.instrumentation.mtls._ssl import peer_rejection as _peer_rejection
 from opentelemetry.instrumentation.mtls._ssl.record import (
     Address,
     HandshakeRecord,
     SSLEndpoint,
     fill_failure,
+    fill_observed,
     fill_success,
     socket_address,
 )
@@ -51,7 +54,7 @@ _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _PENDING: Final = "_otel_mtls_attempt"
 """Key of an attempt in progress in its ssl object's ``__dict__``."""
 _RECORD: Final = "_otel_mtls_record"
-"""Key of a server connection's handshake record in its ssl object's ``__dict__``."""
+"""Key of a connection's handshake record in its ssl object's ``__dict__`` (either side)."""
 _DRAIN_BATCH: Final = 256
 
 # asyncio.constants.SSL_HANDSHAKE_TIMEOUT: what a loop uses when it is given none.
@@ -68,10 +71,12 @@ class _Attempt(HandshakeRecord):
     handshake path is measured in single allocations (see ``_do_handshake``).
     """
 
-    __slots__ = ("hooks", "loop", "open", "ssl_context")
+    __slots__ = ("hooks", "loop", "observed", "open", "ssl_context")
 
     hooks: SSLHooks
     loop: asyncio.AbstractEventLoop | None
+    observed: _messages.Observed | None
+    """What the handshake messages show as they pass (shared with the ssl object)."""
     open: bool
     ssl_context: ssl.SSLContext | None
 
@@ -88,12 +93,18 @@ class SSLHooks:
         self._capture_chain = capture_chain
         self._installed = False
         self._patches = Patches()
+        self._messages = _messages.HandshakeMessages()
         # Attempts abandoned inside a finalizer: emitted later, outside the garbage
         # collector, where taking the SDK's locks cannot deadlock.
         self._orphans: deque[HandshakeRecord] = deque(maxlen=_MAX_ORPHANS)
         self._timeouts: weakref.WeakKeyDictionary[ssl.SSLContext, float] = (
             weakref.WeakKeyDictionary()
         )
+        self._uvloop: type | None = None
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        self._orphans.clear()  # the parent's attempts: the parent emits them
 
     # -- install / uninstall -------------------------------------------------------
 
@@ -106,12 +117,16 @@ class SSLHooks:
         )
         self._install_asyncio()
         self._install_uvloop()
+        self._patches.replace(ssl.SSLContext, "wrap_socket", self._wrap_socket)
+        self._patches.replace(ssl.SSLContext, "wrap_bio", self._wrap_bio)
+        self._messages.install(self._patches)
         self._installed = True
 
     def uninstall(self) -> None:
         """Put back the original methods."""
         self._installed = False
         self._patches.restore()
+        self._messages.uninstall()
         self._orphans.clear()
 
     def _install_asyncio(self) -> None:
@@ -133,6 +148,7 @@ class SSLHooks:
         import uvloop  # noqa: PLC0415  # optional, only where installed
 
         self._patches.replace(uvloop.Loop, "create_server", self._create_server)
+        self._uvloop = uvloop.Loop
 
     # -- the handshake methods -----------------------------------------------------
 
@@ -147,6 +163,7 @@ class SSLHooks:
         recording = self._telemetry.recording
         begin, finish = self._begin, self._finish
         record_failure = self._record_unrecorded_failure
+        established = self._established
 
         def do_handshake(self: SSLEndpoint, *args: Any, **kwargs: Any) -> Any:
             state = self.__dict__
@@ -155,15 +172,19 @@ class SSLHooks:
                 if not recording():
                     # Nothing records a success: only a failure is worth a record (logs).
                     try:
-                        return original(self, *args, **kwargs)
+                        result = original(self, *args, **kwargs)
                     except _AGAIN:
                         raise
                     except BaseException as exc:
                         record_failure(self, exc)
                         raise
+                    established(self)
+                    return result
                 attempt = begin(self)
                 if attempt is None:
-                    return original(self, *args, **kwargs)
+                    result = original(self, *args, **kwargs)
+                    established(self)
+                    return result
             try:
                 result = original(self, *args, **kwargs)
             except _AGAIN:
@@ -181,6 +202,16 @@ class SSLHooks:
             return result
 
         return do_handshake
+
+    @staticmethod
+    def _established(endpoint: SSLEndpoint) -> None:
+        """Stop observing the messages of a connection whose handshake nothing records."""
+        try:
+            _implicit.stop(endpoint)
+            _messages.take(endpoint)
+            _messages.detach(endpoint)
+        except Exception as exc:
+            _failsafe.report("ending a handshake's observation", exc)
 
     def _record_unrecorded_failure(self, endpoint: SSLEndpoint, exc: BaseException) -> None:
         attempt = self._begin(endpoint)
@@ -211,6 +242,7 @@ class SSLHooks:
             attempt.open = True
             attempt.loop = None
             attempt.ssl_context = None
+            attempt.observed = _messages.watch(endpoint)
             if server_side:
                 self._telemetry.active.add(1)
             else:
@@ -226,24 +258,105 @@ class SSLHooks:
         try:
             attempt.open = False
             endpoint.__dict__.pop(_PENDING, None)
+            _implicit.stop(endpoint)
             if attempt.server_side:
                 self._telemetry.active.add(-1)
             attempt.end_ns = end_ns
             if isinstance(endpoint, ssl.SSLSocket) and attempt.peer_address is None:
                 attempt.local_address, attempt.peer_address = _socket_addresses(endpoint)
+            _messages.take(endpoint)  # later messages are not this attempt's
+            fill_observed(attempt, attempt.observed)
+            attempt.observed = None
             if exc is not None:
                 fill_failure(attempt, exc)
                 self._telemetry.emit(attempt)
                 return
+            _messages.detach(endpoint)
             fill_success(attempt, endpoint, capture_chain=self._capture_chain)
             attempt.span_context = self._telemetry.emit(attempt)
-            if attempt.server_side:
-                # For the requests of this connection (see connection_record).
-                endpoint.__dict__[_RECORD] = attempt
-            elif attempt.protocol_version == "1.3":
-                _peer_rejection.watch(endpoint, attempt, self._telemetry.peer_rejected)
+            # For the requests of this connection (see connection_record).
+            endpoint.__dict__[_RECORD] = attempt
+            if not attempt.server_side:
+                # Emitted: the first request's context is not kept for the connection's life.
+                attempt.parent = None
+                if attempt.protocol_version == "1.3":
+                    _peer_rejection.watch(endpoint, attempt, self._telemetry.peer_rejected)
         except Exception as error:
             _failsafe.report("recording a handshake", error)
+
+    # -- implicit handshakes (inside the first read or write) -------------------------
+
+    def _wrap_socket(self, original: Method) -> Method:
+        run = self._implicit
+
+        def wrap_socket(self: ssl.SSLContext, sock: Any, *args: Any, **kwargs: Any) -> Any:
+            endpoint = original(self, sock, *args, **kwargs)
+            on_connect = args[1] if len(args) > 1 else kwargs.get("do_handshake_on_connect", True)
+            if not on_connect:
+                _implicit.stand_in(endpoint, _implicit.SOCKET_METHODS, run)
+            return endpoint
+
+        return wrap_socket
+
+    def _wrap_bio(self, original: Method) -> Method:
+        run, uvloop = self._implicit, self._uvloop
+
+        def wrap_bio(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> Any:
+            endpoint = original(self, *args, **kwargs)
+            # uvloop binds the new object's read and write at once, and always calls
+            # do_handshake first: stand-ins would stay bound for the connection's life.
+            loop = _get_running_loop()
+            if loop is None or uvloop is None or not isinstance(loop, uvloop):
+                _implicit.stand_in(endpoint, _implicit.OBJECT_METHODS, run)
+            return endpoint
+
+        return wrap_bio
+
+    def _implicit(
+        self, endpoint: SSLEndpoint, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run a read or write whose OpenSSL call may perform the handshake: an attempt."""
+        state = endpoint.__dict__
+        attempt: _Attempt | None = state.get(_PENDING)
+        if attempt is None and self._telemetry.recording():
+            attempt = self._begin(endpoint)
+        original = getattr(type(endpoint), name)
+        try:
+            result = original(endpoint, *args, **kwargs)
+        except _AGAIN:
+            if attempt is not None and _PENDING not in state:
+                state[_PENDING] = attempt  # as do_handshake keeps one: until an outcome
+                attempt.loop = attempt.loop or _get_running_loop()
+                attempt.ssl_context = endpoint.context
+            raise
+        except BaseException as exc:
+            self._implicit_outcome(endpoint, attempt, exc)
+            raise
+        if _implicit.established(endpoint) or (
+            not result and _implicit.asked_for_data(name, args, kwargs)
+        ):
+            self._implicit_outcome(endpoint, attempt, None)
+        return result
+
+    def _implicit_outcome(
+        self, endpoint: SSLEndpoint, attempt: _Attempt | None, exc: BaseException | None
+    ) -> None:
+        """End an implicit handshake: established, failed, or met the peer's EOF."""
+        try:
+            _implicit.stop(endpoint)
+            if _implicit.established(endpoint):
+                exc = None  # what failed after the handshake is the host's own business
+            elif exc is None:
+                exc = _closed_error()  # a read that met EOF (ragged EOFs are suppressed)
+        except Exception as error:
+            _failsafe.report("ending an implicit handshake", error)
+            return
+        if attempt is not None:
+            self._finish(endpoint, attempt, exc)
+        elif exc is not None:
+            self._record_unrecorded_failure(endpoint, exc)
+        else:
+            self._established(endpoint)
 
     # -- abandoned attempts --------------------------------------------------------
 
@@ -264,6 +377,8 @@ class SSLHooks:
                 if attempt.ssl_context is not None:
                     timeout = self._timeouts.get(attempt.ssl_context, timeout)
             elapsed = (attempt.end_ns - attempt.start_ns) / 1e9
+            fill_observed(attempt, attempt.observed)
+            attempt.observed = None
             if timeout is not None and elapsed >= timeout * _TIMEOUT_SHARE:
                 fill_failure(attempt, _timeout_error(timeout))
             else:
@@ -415,8 +530,8 @@ class SSLHooks:
             _failsafe.report("reading a server's handshake timeout", exc)
 
 
-def connection_record(sslobj: ssl.SSLObject) -> HandshakeRecord:
-    """Return the record of a server connection's completed handshake.
+def connection_record(sslobj: SSLEndpoint) -> HandshakeRecord:
+    """Return the record of a connection's completed handshake, server or client side.
 
     The hooks keep it on the ssl object; when nothing recorded the handshake (the API
     alone, or instrumentation suppressed), the connection's requests still deserve their
@@ -424,7 +539,7 @@ def connection_record(sslobj: ssl.SSLObject) -> HandshakeRecord:
     """
     record: HandshakeRecord | None = sslobj.__dict__.get(_RECORD)
     if record is None:
-        record = HandshakeRecord(server_side=True, start_ns=0, end_ns=0)
+        record = HandshakeRecord(server_side=sslobj.server_side, start_ns=0, end_ns=0)
         fill_success(record, sslobj, capture_chain=False)
         sslobj.__dict__[_RECORD] = record
     return record

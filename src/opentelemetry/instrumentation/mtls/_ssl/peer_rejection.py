@@ -15,7 +15,7 @@ from __future__ import annotations
 import ssl
 import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._ssl import errors as _errors
@@ -25,8 +25,13 @@ _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _READ: Final = "read"
 _SEND: Final = "send"
 
-OnRejected = Callable[[HandshakeRecord, str, str], None]
-"""Called with the client's handshake record, the ``error.type`` and a message."""
+
+class OnRejected(Protocol):
+    """Called with the client's handshake record, the ``error.type``, a message and the alert."""
+
+    def __call__(
+        self, record: HandshakeRecord, error_type: str, message: str, *, alert: str | None = None
+    ) -> None: ...
 
 
 class FirstDataWatch:
@@ -77,7 +82,10 @@ class FirstDataWatch:
             elif exc is not None:
                 error_type = _rejection_type(exc)
                 if error_type is not None:
-                    self._on_rejected(self._record, error_type, str(exc))
+                    # The server's alert, as OpenSSL named it: the message observer has
+                    # left this connection when its handshake ended (see _ssl/messages).
+                    alert = _errors.received_alert(exc)
+                    self._on_rejected(self._record, error_type, str(exc), alert=alert)
         except Exception as error:
             _failsafe.report("recording a late rejection", error)
 

@@ -17,9 +17,13 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
 from opentelemetry.instrumentation.mtls._ssl import errors as _errors
+from opentelemetry.instrumentation.mtls._ssl.client_hello import ClientHello, parse_client_hello
+from opentelemetry.instrumentation.mtls._ssl.messages import Observed
 from opentelemetry.instrumentation.mtls._ssl.values import IANA_CIPHER_NAMES, PROTOCOL_VERSIONS
 from opentelemetry.instrumentation.mtls._x509 import CertificateInfo, parse_certificate
 from opentelemetry.instrumentation.mtls.attributes import (
+    TLS_ALERT_SOURCE_LOCAL,
+    TLS_ALERT_SOURCE_PEER,
     VERIFY_RESULT_FAILED,
     VERIFY_RESULT_NONE,
     VERIFY_RESULT_SUCCESS,
@@ -67,10 +71,35 @@ class HandshakeRecord:
     verify_message: str | None = None
     span_context: SpanContext | None = None
     """The handshake span's context, for request spans to link to (kept by the hooks)."""
+    client_hello: ClientHello | None = None
+    """Server side: what the client's ClientHello offered."""
+    presented_der: bytes | None = None
+    """The leaf the peer presented in its Certificate message, on failures (unverified)."""
+    alert: str | None = None
+    alert_source: str | None = None
+    sent_no_certificate: bool = False
+    """Client side: we answered the server's certificate request with no certificate."""
+
+
+def fill_observed(record: HandshakeRecord, observed: Observed | None) -> None:
+    """Take in what the handshake messages showed: the ClientHello, the peer's leaf, alerts."""
+    if observed is None:
+        return
+    if record.server_side and observed.hello is not None:
+        hello = record.client_hello = parse_client_hello(observed.hello)
+        if hello is not None and hello.server_name is not None:
+            record.server_name = hello.server_name
+    record.presented_der = observed.leaf
+    if observed.alert is not None:
+        record.alert = _errors.alert_name(observed.alert)
+        sent = observed.alert_sent
+        record.alert_source = TLS_ALERT_SOURCE_LOCAL if sent else TLS_ALERT_SOURCE_PEER
+    record.sent_no_certificate = observed.sent_no_certificate
 
 
 def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chain: bool) -> None:
     """Read what a completed handshake negotiated and who the peer was."""
+    record.presented_der = None  # the verified certificate, read below, names the peer
     # Both SSLSocket and SSLObject delegate each of these to the same methods of their
     # ``_sslobj`` (the C object); calling it directly saves a Python frame per value.
     tls = getattr(endpoint, "_sslobj", None) or endpoint
@@ -130,7 +159,12 @@ def fill_failure(
 ) -> None:
     """Classify a failed or abandoned handshake."""
     record.error = exc
-    record.error_type = error_type or _errors.error_type(exc)
+    record.error_type = _errors.refine(
+        error_type or _errors.error_type(exc),
+        record.alert,
+        record.alert_source,
+        sent_no_certificate=record.sent_no_certificate,
+    )
     details = _errors.verify_details(exc)
     if details is not None:
         record.verify_result = VERIFY_RESULT_FAILED

@@ -42,6 +42,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
+from opentelemetry.instrumentation.mtls import _forks
+
 from .crl import CrlSet, CrlStore, distribution_point_urls, evaluate_crl
 from .fetch import MAX_DOWNLOAD_BYTES, Fetcher, FetchError
 from .ocsp import CONTENT_TYPE, evaluate_ocsp, ocsp_urls, request_body
@@ -157,8 +159,9 @@ class RevocationChecker:
         self._cache_size = max(cache_size, 0)
         self._fetcher = Fetcher(timeout)
         self._crls = CrlStore(self._fetcher)
+        self._workers = max(max_workers, 1)
         self._executor = ThreadPoolExecutor(
-            max_workers=max(max_workers, 1), thread_name_prefix="otel-mtls-revocation"
+            max_workers=self._workers, thread_name_prefix="otel-mtls-revocation"
         )
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -168,6 +171,18 @@ class RevocationChecker:
         # In deadline order: every check gets the same timeout from a monotonic clock.
         self._deadlines: OrderedDict[_Check, None] = OrderedDict()
         self._expirer: threading.Thread | None = None
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: new threads and locks; the parent's checks are not ours."""
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._workers, thread_name_prefix="otel-mtls-revocation"
+        )
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._inflight.clear()  # their futures would never complete here
+        self._deadlines.clear()
+        self._expirer = None
 
     def submit(self, leaf_der: bytes, issuer_der: bytes | None) -> Future[RevocationResult]:
         """Start a check of ``leaf_der`` (DER) and return its future at once.

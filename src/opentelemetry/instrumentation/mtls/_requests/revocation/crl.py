@@ -26,6 +26,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
+from opentelemetry.instrumentation.mtls import _forks
+
 from .fetch import Fetcher, FetchError
 from .verdict import CLOCK_SKEW, Verdict
 
@@ -65,6 +67,12 @@ class CrlStore:
         self._files: dict[str, CrlSet] = {}
         self._urls: OrderedDict[str, CrlSet] = OrderedDict()
         self._downloading: dict[str, Future[CrlSet]] = {}
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: a free lock; the parent's downloads would never finish here."""
+        self._lock = threading.Lock()
+        self._downloading.clear()
 
     def load_file(self, path: str) -> CrlSet:
         """Return the CRLs in ``path``, re-reading the file only when it has changed."""

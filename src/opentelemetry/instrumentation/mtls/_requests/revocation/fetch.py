@@ -24,6 +24,8 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from opentelemetry.instrumentation.mtls import _forks
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
@@ -90,6 +92,17 @@ class Fetcher:
         self._running: Counter[str] = Counter()
         self._budgets: set[_Budget] = set()
         self._timed_out_urls: dict[str, float] = {}
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: a new pool and lock; the parent's downloads are not ours."""
+        self._executor = ThreadPoolExecutor(
+            max_workers=MAX_FETCHES, thread_name_prefix="otel-mtls-revocation-fetch"
+        )
+        self._lock = threading.Lock()
+        self._queue.clear()
+        self._running.clear()
+        self._budgets.clear()
 
     def submit(
         self,
