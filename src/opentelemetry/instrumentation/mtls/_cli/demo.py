@@ -221,6 +221,11 @@ def run(otlp_endpoint: str | None = None) -> tuple[list[tuple[str, str]], Captur
 
     instrumentor = MTLSInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    # The frontend's call to the backend gets a client span, which gets the backend's identity.
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor  # noqa: PLC0415
+
+    client_instrumentor = HTTPXClientInstrumentor()
+    client_instrumentor.instrument(tracer_provider=tracer_provider)
     pki = make_pki()
     results: list[tuple[str, str]] = []
     try:
@@ -238,6 +243,7 @@ def run(otlp_endpoint: str | None = None) -> tuple[list[tuple[str, str]], Captur
                 results.append((name, call(pki, port, name)))
             time.sleep(0.1)  # the servers finish their side of the last connection
     finally:
+        client_instrumentor.uninstrument()
         instrumentor.uninstrument()
         audit.removeHandler(keeper)
         audit.setLevel(logging.NOTSET)
@@ -327,6 +333,8 @@ def _handshake_summary(span: Any) -> str:
             f"{attrs.get('tls.cipher')}"
         )
     text = f"failed, error.type={attrs.get('error.type')}"
+    if "tls.client.subject" in attrs:  # the certificate it presented, rejected
+        text += f", presented {attrs['tls.client.subject']}"
     if "tls.client.verify.message" in attrs:
         text += f" (verify {attrs['tls.client.verify.code']}: {attrs['tls.client.verify.message']})"
     return text
