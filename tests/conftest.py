@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -86,6 +87,17 @@ def tracer_provider(exporter: InMemorySpanExporter) -> TracerProvider:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return provider
+
+
+@pytest.fixture
+def httpx_instrumented(tracer_provider: TracerProvider) -> Iterator[None]:
+    """opentelemetry-instrumentation-httpx's client spans, exported with ours."""
+    instrumentor = HTTPXClientInstrumentor()
+    instrumentor.instrument(tracer_provider=tracer_provider)
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
 
 
 class Instrumented:

@@ -42,16 +42,6 @@ pytestmark = pytest.mark.usefixtures("instrumented")
 # -- httpx ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def httpx_instrumented(tracer_provider: TracerProvider) -> Iterator[None]:
-    instrumentor = HTTPXClientInstrumentor()
-    instrumentor.instrument(tracer_provider=tracer_provider)
-    try:
-        yield
-    finally:
-        instrumentor.uninstrument()
-
-
 def test_a_client_instrumented_on_its_own(
     pki: PKI, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:

@@ -306,16 +306,6 @@ def client(request: pytest.FixtureRequest, tracer_provider: TracerProvider) -> I
         instrumentor.uninstrument()
 
 
-@pytest.fixture
-def httpx_instrumented(tracer_provider: TracerProvider) -> Iterator[None]:
-    instrumentor = HTTPXClientInstrumentor()
-    instrumentor.instrument(tracer_provider=tracer_provider)
-    try:
-        yield
-    finally:
-        instrumentor.uninstrument()
-
-
 # -- what the spans say --------------------------------------------------------------
 
 
