@@ -9,7 +9,9 @@ Two kinds of handshake are measured, each in its own phase:
 * ``full``: a full TLS 1.3 mutual-TLS handshake with ECDSA P-256 certificates on both
   sides (the server requires a client certificate);
 * ``resumed``: a TLS 1.3 PSK resumption, the client offering a session ticket taken from
-  an earlier connection.
+  an earlier connection;
+* ``bulk``: a full handshake followed by a bulk transfer, 1,000 records of 1 KB from the
+  client to the server on the same connection (the rate is connections per second).
 
 Variants, each installed before its block and removed after it:
 
@@ -19,6 +21,10 @@ Variants, each installed before its block and removed after it:
   side, the least any span-emitting instrumentation can cost;
 * ``sdk``: ``MTLSInstrumentor`` with an SDK ``TracerProvider`` (BatchSpanProcessor to a
   no-op exporter) and an SDK ``MeterProvider``;
+* ``no_observer``: ``sdk`` without the observer of handshake messages (the SSL context's
+  message callback, ``_ssl/messages.py``): ``sdk`` against it is the observer's own cost,
+  reported as "observer on vs off" under each table (target: at most 2% of a full
+  handshake's throughput, at most 1% of the bulk transfer's);
 * ``api``: ``MTLSInstrumentor`` with the API's ``NoOpTracerProvider``;
 * ``json_log``: what a user would write by hand: one JSON log line per handshake side
   with ``getpeercert()``'s fields, through ``logging`` to a file.
@@ -74,15 +80,18 @@ from opentelemetry.sdk.trace.export import (
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from opentelemetry.instrumentation.mtls import __version__ as mtls_version
+from opentelemetry.instrumentation.mtls._ssl import messages as observer
 
 SERVER_NAME: Final = "server.bench.example"
 CLIENT_NAME: Final = "client.bench.example"
-KINDS: Final = ("full", "resumed")
-INSTRUMENTED: Final = ("floor", "sdk", "api", "json_log")
+KINDS: Final = ("full", "resumed", "bulk")
+INSTRUMENTED: Final = ("floor", "sdk", "no_observer", "api", "json_log")
 VARIANTS: Final = ("bare", *INSTRUMENTED)
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _FLOOR_SPAN: Final = "_bench_floor_span"
 _MAX_FLIGHTS: Final = 8
+BULK_RECORDS: Final = 1000
+BULK_RECORD: Final = b"x" * 1024
 
 Wrapped = Callable[..., Any]
 Handshake = Callable[[], tuple[ssl.SSLObject, ssl.SSLObject]]
@@ -158,6 +167,19 @@ def _handshake(
         if client_done and server_done:
             return server, client, pump
     raise RuntimeError("the handshake did not complete")
+
+
+def bulk_transfer(pki: Pki) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A full handshake, then 1,000 records of 1 KB from the client, each read by the server."""
+    server, client, pump = _handshake(pki, None)
+    write, read = client.write, server.read
+    size = len(BULK_RECORD)
+    for _ in range(BULK_RECORDS):
+        write(BULK_RECORD)
+        pump()
+        if len(read(size)) != size:
+            raise RuntimeError("a bulk record was not read whole")
+    return server, client
 
 
 def fresh_session(pki: Pki) -> ssl.SSLSession:
@@ -330,6 +352,25 @@ class Variants:
             ),
         }
 
+        self.all["no_observer"] = Variant(
+            "no_observer",
+            self._install_without_observer,
+            self.instrumentor.uninstrument,
+            produced=lambda: self.sdk_exporter.count,
+            settle=lambda: self._flush(self.sdk_provider),
+        )
+
+    def _install_without_observer(self) -> None:
+        """Instrument as ``sdk`` does, the observer of handshake messages left out."""
+        available = observer.AVAILABLE
+        observer.AVAILABLE = False  # type: ignore[misc]  # what install() reads
+        try:
+            self.instrumentor.instrument(
+                tracer_provider=self.sdk_provider, meter_provider=self.meter_provider
+            )
+        finally:
+            observer.AVAILABLE = available  # type: ignore[misc]
+
     @staticmethod
     def _flush(provider: TracerProvider) -> None:
         if not provider.force_flush(30_000):
@@ -425,6 +466,8 @@ class Bench:
         pki = self.pki
         if kind == "full":
             return lambda: handshake(pki)
+        if kind == "bulk":
+            return lambda: bulk_transfer(pki)
         # A fresh ticket per block: no ticket ages near its lifetime during a long run.
         session = self.session = fresh_session(pki)
         return lambda: handshake(pki, session)
@@ -628,6 +671,34 @@ def print_targets(kind: str, summary: dict[str, Summary]) -> list[bool]:
     return [met for _, met in checks]
 
 
+OBSERVER_TARGETS: Final = {"full": 0.98, "bulk": 0.99}
+"""The least throughput ratio, observer on vs off, the issue asks of each kind."""
+
+
+def print_observer(kind: str, summary: dict[str, Summary]) -> list[bool]:
+    """The observer on (``sdk``) vs off (``no_observer``): per-round paired ratios.
+
+    Both variants run in every round, each against its own bare neighbours; the ratio
+    of the two ratios of one round cancels the machine's drift between rounds.
+    """
+    on, off = summary["sdk"], summary["no_observer"]
+    paired = [a / b for a, b in zip(on.ratios, off.ratios, strict=True)]
+    costs = [a - b for a, b in zip(on.overheads_us, off.overheads_us, strict=True)]
+    ratio, (c1, c3), (r1, r3) = statistics.median(paired), median_ci(paired), quartiles(paired)
+    unit = "connection" if kind == "bulk" else "handshake"
+    print(
+        f"  observer on vs off ({kind}): ratio {ratio:.4f} (IQR {r1:.4f}..{r3:.4f}, "
+        f"median 95% CI {c1:.4f}..{c3:.4f}), {statistics.median(costs):+.1f} us per {unit} "
+        f"(off {off.rate:,.0f}/s, on {on.rate:,.0f}/s)"
+    )
+    target = OBSERVER_TARGETS.get(kind)
+    if target is None:
+        return []
+    met = ratio >= target
+    print(f"    [{'MET   ' if met else 'MISSED'}] observer on/off ratio >= {target}: {ratio:.4f}")
+    return [met]
+
+
 def describe(pki: Pki) -> str:
     """Say what one handshake negotiates and which keys the two certificates hold."""
     server, client = handshake(pki)
@@ -756,6 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarize(blocks)
         print_table(kind, summary, blocks)
         met += print_targets(kind, summary)
+        met += print_observer(kind, summary)
     print(
         f"\n{sum(met)} of {len(met)} targets met; "
         f"{time.perf_counter() - started:.0f} s including warm-up and flushes"

@@ -107,6 +107,10 @@ def _note(conn: Any, direction: str, version: int, content_type: int, data: byte
         state = conn.__dict__[_STATE] = Observed()
     read = direction == _READ
     if content_type == _ALERT:
+        if state.hello is None and conn.server_side:
+            # No ClientHello: a TCP probe or garbage, whose span has no alert (the
+            # contract), although OpenSSL "sends" one (decode_error) to a peer gone.
+            return
         fatal = data[0] == _FATAL
         if state.alert is None or (fatal and not state.alert_fatal):
             state.alert, state.alert_sent, state.alert_fatal = data[1], not read, fatal
