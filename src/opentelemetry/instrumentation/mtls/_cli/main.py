@@ -2,31 +2,22 @@
 
 ``otel-mtls demo`` runs two mTLS services on loopback, sends them a good client and the
 usual bad ones, and prints what was captured (see ``_demo``). ``otel-mtls inspect
-HOST:PORT`` performs one handshake and prints the attributes the instrumentation would
-record for it: a telemetry-minded ``openssl s_client``. ``otel-mtls pki DIR`` writes the
-demo's certificates for the examples.
+HOST:PORT`` connects once as a client and says whether the server accepts it, and if
+not why (see ``inspect``). ``otel-mtls pki DIR`` writes the demo's certificates for the
+examples. ``inspect`` lives in its own module; this one wires the commands to argparse.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import socket
-import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from opentelemetry.instrumentation.mtls import MTLSInstrumentor
+from opentelemetry.instrumentation.mtls._cli import inspect as _inspect
 from opentelemetry.instrumentation.mtls._cli.pki import Leaf
 from opentelemetry.instrumentation.mtls._signals.handshake import SERVER_SPAN_NAME
-
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import ReadableSpan
-
-_TIMEOUT = 10.0
 
 
 def _require_sdk() -> None:
@@ -79,60 +70,6 @@ def write_pki(args: argparse.Namespace) -> int:
     return 0
 
 
-def _span_json(span: ReadableSpan) -> str:
-    return json.dumps(
-        {
-            "name": span.name,
-            "kind": span.kind.name,
-            "status": span.status.status_code.name,
-            "duration_ms": round(((span.end_time or 0) - (span.start_time or 0)) / 1e6, 3),
-            "attributes": {k: _plain(v) for k, v in (span.attributes or {}).items()},
-            "events": [event.name for event in span.events],
-        },
-        indent=2,
-    )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
-def inspect(args: argparse.Namespace) -> int:
-    """Handshake once with HOST:PORT and print the span the instrumentation records."""
-    _require_sdk()
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
-        InMemorySpanExporter,
-    )
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    host, _, port = args.target.rpartition(":")
-    ctx = ssl.create_default_context(cafile=args.ca)
-    if args.cert:
-        ctx.load_cert_chain(args.cert, args.key)
-    if args.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    instrumentor = MTLSInstrumentor()
-    instrumentor.instrument(tracer_provider=provider)
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=_TIMEOUT) as raw:
-            try:
-                with ctx.wrap_socket(raw, server_hostname=args.servername or host.strip("[]")):
-                    pass
-            except (OSError, ssl.SSLError) as exc:
-                print(f"handshake failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    finally:
-        instrumentor.uninstrument()
-    spans = exporter.get_finished_spans()
-    for span in spans:
-        print(_span_json(span))
-    return 0 if spans and (spans[0].attributes or {}).get("tls.established") else 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``otel-mtls`` command."""
     parser = argparse.ArgumentParser(prog="otel-mtls", description=__doc__.splitlines()[0])
@@ -147,14 +84,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     pki = commands.add_parser("pki", help="write the demo PKI (PEM files) into a directory")
     pki.add_argument("directory")
     pki.set_defaults(run=write_pki)
-    probe = commands.add_parser("inspect", help="handshake with HOST:PORT, print the span")
-    probe.add_argument("target", metavar="HOST:PORT")
+    probe = commands.add_parser(
+        "inspect",
+        help="connect to HOST:PORT as a client; say whether and why it is rejected",
+        description=_inspect.__doc__.splitlines()[0] if _inspect.__doc__ else None,
+        epilog=_inspect.EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    probe.add_argument("target", metavar="HOST:PORT", help="[v6]:PORT for an IPv6 address")
     probe.add_argument("--cert", help="client certificate (PEM) to present")
-    probe.add_argument("--key", help="its private key (PEM)")
-    probe.add_argument("--ca", help="CA bundle to verify the server with")
-    probe.add_argument("--servername", help="SNI and hostname to verify (default: HOST)")
+    probe.add_argument("--key", help="its private key (PEM; default: in --cert)")
+    probe.add_argument("--ca", help="CA bundle to verify the server with (default: the system's)")
+    probe.add_argument(
+        "--servername", help="name to verify and send as SNI (default: HOST; none for an IP)"
+    )
     probe.add_argument("--insecure", action="store_true", help="do not verify the server")
-    probe.set_defaults(run=inspect)
+    probe.add_argument("--json", action="store_true", help="print the handshake span as JSON")
+    probe.add_argument(
+        "--timeout",
+        type=float,
+        default=_inspect.TIMEOUT,
+        metavar="SECONDS",
+        help="to connect and handshake (default: %(default)s)",
+    )
+    probe.add_argument(
+        "--wait",
+        type=float,
+        default=_inspect.WAIT,
+        metavar="SECONDS",
+        help="for a TLS 1.3 server's verdict after the handshake (default: %(default)s)",
+    )
+    probe.set_defaults(run=_inspect.run)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result
