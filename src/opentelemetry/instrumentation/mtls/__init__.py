@@ -62,6 +62,7 @@ from opentelemetry.instrumentation.mtls._requests.identity import (
 )
 from opentelemetry.instrumentation.mtls._requests.revocation import RevocationChecker
 from opentelemetry.instrumentation.mtls._requests.trio import install_trio_connections
+from opentelemetry.instrumentation.mtls._requests.wsgi import MTLSWSGIMiddleware
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
 from opentelemetry.instrumentation.mtls._signals.providers import Providers
 from opentelemetry.instrumentation.mtls._ssl.hooks import SSLHooks
@@ -73,6 +74,7 @@ __all__ = [
     "ClientIdentity",
     "MTLSInstrumentor",
     "MTLSMiddleware",
+    "MTLSWSGIMiddleware",
     "__version__",
     "client_identity",
 ]
@@ -159,7 +161,11 @@ class MTLSInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
 def _install_ssl_hooks(telemetry: HandshakeTelemetry, config: MTLSConfig) -> SSLHooks:
     """Make every handshake attempt a record, emitted as a span, metrics and logs."""
-    hooks = SSLHooks(telemetry, capture_chain=config.capture_certificate_chain)
+    hooks = SSLHooks(
+        telemetry,
+        capture_chain=config.capture_certificate_chain,
+        expiry_warning_s=config.expiry_warning_days * 86400,
+    )
     hooks.install()
     return hooks
 
@@ -205,6 +211,7 @@ def _install_requests(config: MTLSConfig, telemetry: HandshakeTelemetry, patches
             revocation_enforce=config.revocation == "enforce",
             revocation_timeout=config.revocation_timeout,
             revocation_checks=telemetry.instruments.revocation_checks,
+            full=config.request_attributes == "full",
         )
     )
     install_asgi_hook(patches)

@@ -253,7 +253,8 @@ class MTLSConfig:
     peer_certificate_limit: int = _option(1000, _positive_int)
     """Distinct peer certificates kept for ``tls.certificate.time_left``."""
     expiry_warning_days: float = _option(30.0, _positive_float)
-    """A local certificate this close to expiry gets a ``tls.certificate.expiring`` record."""
+    """A local certificate this close to expiry gets a ``tls.certificate.expiring`` record;
+    a peer's is a ``peer_certificate_expiring`` validation gap."""
     identity_mode: str = _option("plain", _choice(MODES))
     """How peer identities appear in telemetry: ``plain``, ``hashed`` or ``omit``."""
     hash_key: bytes | None = _option(None, _hash_key, repr=False)

@@ -46,10 +46,10 @@ TLS_SERVER_SPIFFE_ID: Final = "tls.server.spiffe_id"
 """The first ``spiffe://`` URI subject alternative name of the server certificate."""
 
 TLS_CLIENT_VERIFY_RESULT: Final = "tls.client.verify.result"
-"""Outcome of verifying the client certificate: ``success``, ``failed`` or ``none``."""
+"""Outcome of verifying the client certificate: ``success``, ``failed``, ``skipped`` or ``none``."""
 
 TLS_SERVER_VERIFY_RESULT: Final = "tls.server.verify.result"
-"""Outcome of verifying the server certificate: ``success``, ``failed`` or ``none``."""
+"""Outcome of verifying the server certificate: ``success``, ``failed``, ``skipped`` or ``none``."""
 
 TLS_CLIENT_VERIFY_CODE: Final = "tls.client.verify.code"
 """OpenSSL X509 verify code of a client certificate that failed verification."""
@@ -95,6 +95,27 @@ VERIFY_RESULT_FAILED: Final = "failed"
 
 VERIFY_RESULT_NONE: Final = "none"
 """The peer presented no certificate."""
+
+VERIFY_RESULT_SKIPPED: Final = "skipped"
+"""The peer presented a certificate that the context does not verify (``CERT_NONE``)."""
+
+TLS_SERVER_HOSTNAME_VERIFIED: Final = "tls.server.hostname_verified"
+"""Client spans: whether the context checked the server's name (``check_hostname``)."""
+
+TLS_VALIDATION_GAPS: Final = "tls.validation.gaps"
+"""Every validation gap of a handshake (e.g. ``peer_not_verified``); absent when none."""
+
+TLS_VALIDATION_GAP: Final = "tls.validation.gap"
+"""One validation gap, on its ``tls.validation.gap`` record and ``tls.validation.gaps`` count."""
+
+TLS_SIDE: Final = "tls.side"
+"""Which side of the handshake this process was: ``server`` or ``client``."""
+
+TLS_SIDE_SERVER: Final = "server"
+"""This process served the handshake."""
+
+TLS_SIDE_CLIENT: Final = "client"
+"""This process made the handshake as a client."""
 
 TLS_CERTIFICATE_ROLE: Final = "tls.certificate.role"
 """Whose certificate ``tls.certificate.time_left`` describes: ``local`` or ``peer``."""

@@ -36,6 +36,7 @@ HANDSHAKE_SUCCEEDED: Final = "tls.handshake.succeeded"
 PEER_REJECTED: Final = "tls.peer_rejected"
 CERTIFICATE_EXPIRING: Final = "tls.certificate.expiring"
 IDENTITY_DENIED: Final = "tls.identity.denied"
+VALIDATION_GAP: Final = "tls.validation.gap"
 
 audit_logger = logging.getLogger(AUDIT_LOGGER_NAME)
 # A library's loggers stay silent until the application configures logging (or the
@@ -70,8 +71,11 @@ class RateLimiter:
     def _forked(self) -> None:
         self._lock = threading.Lock()  # no thread of the child holds it
 
-    def admit(self, key: tuple[object, ...]) -> int | None:
-        """Return None to suppress this record, else how many were suppressed before it."""
+    def admit(self, key: tuple[object, ...], *, always: bool = False) -> int | None:
+        """Return None to suppress this record, else how many were suppressed before it.
+
+        ``always`` admits the record whatever the window holds (it still counts in it).
+        """
         now = monotonic()
         with self._lock:
             window = self._windows.get(key)
@@ -84,7 +88,7 @@ class RateLimiter:
                 if now - window.start >= _WINDOW:
                     window.start = now
                     window.emitted = 0
-            if window.emitted >= self.limit:
+            if window.emitted >= self.limit and not always:
                 window.suppressed += 1
                 return None
             window.emitted += 1
@@ -118,13 +122,17 @@ class AuditLog:
         *,
         key: tuple[object, ...] | None = None,
         span: Span | None = None,
+        always: bool = False,
     ) -> None:
-        """Write one record inside ``span``'s context (if given), unless it is held back."""
+        """Write one record inside ``span``'s context (if given), unless it is held back.
+
+        ``always`` writes it even past its key's limit (a first of its kind), counting it.
+        """
         if not audit_logger.isEnabledFor(level):
             return
         suppressed = 0
         if key is not None:
-            admitted = self._limiter.admit((event_name, *key))
+            admitted = self._limiter.admit((event_name, *key), always=always)
             if admitted is None:
                 return
             suppressed = admitted

@@ -8,7 +8,10 @@ reused: a returning client costs a dictionary look-up, not a parse.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import ssl
+import threading
+import weakref
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Final
 
@@ -34,6 +37,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
+from opentelemetry.instrumentation.mtls import _forks
 from opentelemetry.instrumentation.mtls import attributes as names
 from opentelemetry.instrumentation.mtls._config import ExceptionSignals, MTLSConfig
 from opentelemetry.instrumentation.mtls._redaction import NO_REDACTION, Redaction
@@ -49,6 +53,7 @@ from opentelemetry.instrumentation.mtls._ssl.client_hello import (
     offered_versions,
 )
 from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord
+from opentelemetry.instrumentation.mtls._ssl.validation import GAPS
 from opentelemetry.instrumentation.mtls._ssl.values import CIPHER_SUITES
 from opentelemetry.instrumentation.mtls._x509 import (
     CertificateInfo,
@@ -225,6 +230,10 @@ def handshake_attributes(
         value = getattr(record, name)
         if value is not None:
             attrs[getattr(peer, name)] = value
+    if record.hostname_verified is not None:
+        attrs[names.TLS_SERVER_HOSTNAME_VERIFIED] = record.hostname_verified
+    if record.validation_gaps:
+        attrs[names.TLS_VALIDATION_GAPS] = record.validation_gaps
     if record.client_hello is not None:
         _offer_attributes(record, record.client_hello, config, attrs)
     if record.alert is not None:
@@ -311,6 +320,20 @@ class HandshakeTelemetry:
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
         self._metric_attributes: dict[tuple[object, ...], Attributes] = {}
+        self._gap_attributes: dict[tuple[str, str], Attributes] = {
+            (gap, side): {names.TLS_VALIDATION_GAP: gap, names.TLS_SIDE: side}
+            for gap in GAPS
+            for side in (names.TLS_SIDE_SERVER, names.TLS_SIDE_CLIENT)
+        }
+        # The gaps each SSL context has had a record of: its first of each is always written.
+        self._gaps_logged: weakref.WeakKeyDictionary[ssl.SSLContext, set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._gaps_lock = threading.Lock()
+        _forks.rebuild_in_child(self._forked)
+
+    def _forked(self) -> None:
+        self._gaps_lock = threading.Lock()  # no thread of the child holds it
 
     def recording(self) -> bool:
         """Whether a successful handshake would be recorded at all.
@@ -367,6 +390,8 @@ class HandshakeTelemetry:
             self.expiry.add_peer(record.peer_certificate)
         if error is not None or self._config.log_success:
             self._log(record, span, attributes)
+        if record.validation_gaps:
+            self._validation_gaps(record, span, attributes)
         span.end(end_time=record.end_ns)
         return span_context
 
@@ -403,6 +428,68 @@ class HandshakeTelemetry:
             return
         key = (peer[0] if peer else None, record.error_type)
         self.audit.write(logging.WARNING, _audit.HANDSHAKE_FAILED, build, key=key, span=span)
+
+    def _validation_gaps(
+        self, record: HandshakeRecord, span: Span, attributes: Attributes | None
+    ) -> None:
+        """Count each validation gap of a successful handshake and write its record."""
+        side = names.TLS_SIDE_SERVER if record.server_side else names.TLS_SIDE_CLIENT
+        gaps = record.validation_gaps
+        for gap in gaps:
+            attrs = self._gap_attributes.get((gap, side))
+            if attrs is None:  # not one of GAPS: a bug of ours, still counted
+                attrs = {names.TLS_VALIDATION_GAP: gap, names.TLS_SIDE: side}
+            self.instruments.validation_gaps.add(1, attrs)
+        first = self._first_gaps(record.ssl_context, gaps)
+        fields: list[Attributes] = [] if attributes is None else [attributes]
+
+        def handshake_fields() -> Attributes:
+            # Built once for all the gaps of the record, and only if one is written.
+            if not fields:
+                fields.append(handshake_attributes(record, self._config, self.redaction))
+            return fields[0]
+
+        for gap in gaps:
+            self._log_gap(record, span, side, gap, handshake_fields, always=gap in first)
+
+    def _first_gaps(self, context: ssl.SSLContext | None, gaps: tuple[str, ...]) -> list[str]:
+        """Return the gaps ``context`` has had no record of yet, and remember them."""
+        if context is None:
+            return []
+        with self._gaps_lock:
+            logged = self._gaps_logged.get(context)
+            if logged is None:
+                logged = self._gaps_logged[context] = set()
+            new = [gap for gap in gaps if gap not in logged]
+            logged.update(new)
+        return new
+
+    def _log_gap(
+        self,
+        record: HandshakeRecord,
+        span: Span,
+        side: str,
+        gap: str,
+        handshake_fields: Callable[[], Attributes],
+        *,
+        always: bool,
+    ) -> None:
+        """Write the ``tls.validation.gap`` record of one gap, rate-limited per peer and gap."""
+        peer = record.peer_address
+        where = f" with {peer[0]}:{peer[1]}" if peer else ""
+
+        def build() -> tuple[str, Attributes]:
+            fields = {
+                **handshake_fields(),
+                names.TLS_VALIDATION_GAP: gap,
+                names.TLS_SIDE: side,
+            }
+            return f"TLS {side} handshake{where} succeeded with a validation gap: {gap}", fields
+
+        key = (peer[0] if peer else None, gap)
+        self.audit.write(
+            logging.WARNING, _audit.VALIDATION_GAP, build, key=key, span=span, always=always
+        )
 
     def peer_rejected(
         self, record: HandshakeRecord, error_type: str, message: str, *, alert: str | None = None

@@ -23,6 +23,7 @@ CLIENT_PEER_REJECTIONS: Final = "tls.client.peer_rejections"
 CERTIFICATE_TIME_LEFT: Final = "tls.certificate.time_left"
 IDENTITY_DECISIONS: Final = "tls.identity.decisions"
 REVOCATION_CHECKS: Final = "tls.revocation.checks"
+VALIDATION_GAPS: Final = "tls.validation.gaps"
 
 # A resumed handshake on loopback takes a fraction of a millisecond, a full one over a
 # WAN link tens of milliseconds, a stalled one up to the server's timeout.
@@ -102,6 +103,11 @@ class Instruments:
             REVOCATION_CHECKS,
             unit="{check}",
             description="Client certificates checked for revocation, by status and source.",
+        )
+        self.validation_gaps = meter.create_counter(
+            VALIDATION_GAPS,
+            unit="{handshake}",
+            description="Successful handshakes with a validation gap, by gap and side.",
         )
         meter.create_observable_up_down_counter(
             SERVER_ACTIVE_HANDSHAKES,

@@ -71,14 +71,13 @@ class _Attempt(HandshakeRecord):
     handshake path is measured in single allocations (see ``_do_handshake``).
     """
 
-    __slots__ = ("hooks", "loop", "observed", "open", "ssl_context")
+    __slots__ = ("hooks", "loop", "observed", "open")
 
     hooks: SSLHooks
     loop: asyncio.AbstractEventLoop | None
     observed: _messages.Observed | None
     """What the handshake messages show as they pass (shared with the ssl object)."""
     open: bool
-    ssl_context: ssl.SSLContext | None
 
     def __del__(self) -> None:
         if self.open:
@@ -88,9 +87,16 @@ class _Attempt(HandshakeRecord):
 class SSLHooks:
     """Install, run and remove the hooks around the ssl handshake methods."""
 
-    def __init__(self, telemetry: HandshakeTelemetry, *, capture_chain: bool = False) -> None:
+    def __init__(
+        self,
+        telemetry: HandshakeTelemetry,
+        *,
+        capture_chain: bool = False,
+        expiry_warning_s: float = 0.0,
+    ) -> None:
         self._telemetry = telemetry
         self._capture_chain = capture_chain
+        self._expiry_warning_s = expiry_warning_s
         self._installed = False
         self._patches = Patches()
         self._messages = _messages.HandshakeMessages()
@@ -241,7 +247,6 @@ class SSLHooks:
             attempt.hooks = self
             attempt.open = True
             attempt.loop = None
-            attempt.ssl_context = None
             attempt.observed = _messages.watch(endpoint)
             if server_side:
                 self._telemetry.active.add(1)
@@ -272,7 +277,12 @@ class SSLHooks:
                 self._telemetry.emit(attempt)
                 return
             _messages.detach(endpoint)
-            fill_success(attempt, endpoint, capture_chain=self._capture_chain)
+            fill_success(
+                attempt,
+                endpoint,
+                capture_chain=self._capture_chain,
+                expiry_warning_s=self._expiry_warning_s,
+            )
             attempt.span_context = self._telemetry.emit(attempt)
             # For the requests of this connection (see connection_record).
             endpoint.__dict__[_RECORD] = attempt

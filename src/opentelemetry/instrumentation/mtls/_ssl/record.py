@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,6 +20,11 @@ from opentelemetry.trace import SpanContext
 from opentelemetry.instrumentation.mtls._ssl import errors as _errors
 from opentelemetry.instrumentation.mtls._ssl.client_hello import ClientHello, parse_client_hello
 from opentelemetry.instrumentation.mtls._ssl.messages import Observed
+from opentelemetry.instrumentation.mtls._ssl.validation import (
+    PEER_CERTIFICATE_EXPIRING,
+    peer_certificate_expiring,
+    validation,
+)
 from opentelemetry.instrumentation.mtls._ssl.values import IANA_CIPHER_NAMES, PROTOCOL_VERSIONS
 from opentelemetry.instrumentation.mtls._x509 import CertificateInfo, parse_certificate
 from opentelemetry.instrumentation.mtls.attributes import (
@@ -26,11 +32,13 @@ from opentelemetry.instrumentation.mtls.attributes import (
     TLS_ALERT_SOURCE_PEER,
     VERIFY_RESULT_FAILED,
     VERIFY_RESULT_NONE,
-    VERIFY_RESULT_SUCCESS,
 )
 
 VERIFIED_CHAIN: Final = sys.version_info >= (3, 13)
 """Python 3.13 gives the verified chain (``get_verified_chain``); before, only the leaf."""
+
+_verify_mode: Final[Callable[[ssl.SSLContext], int]] = ssl._SSLContext.verify_mode.__get__  # type: ignore[attr-defined]
+"""A context's verify mode as an int: the C getter, without ``SSLContext``'s enum."""
 
 Address = tuple[str, int]
 SSLEndpoint = ssl.SSLSocket | ssl.SSLObject
@@ -79,6 +87,12 @@ class HandshakeRecord:
     alert_source: str | None = None
     sent_no_certificate: bool = False
     """Client side: we answered the server's certificate request with no certificate."""
+    ssl_context: ssl.SSLContext | None = None
+    """The handshake's SSL context, once known (validation gaps are logged per context)."""
+    hostname_verified: bool | None = None
+    """Client side, on success: whether the context checked the server's name."""
+    validation_gaps: tuple[str, ...] = ()
+    """What a successful handshake did not check (see ``_ssl/validation.py``)."""
 
 
 def fill_observed(record: HandshakeRecord, observed: Observed | None) -> None:
@@ -97,8 +111,18 @@ def fill_observed(record: HandshakeRecord, observed: Observed | None) -> None:
     record.sent_no_certificate = observed.sent_no_certificate
 
 
-def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chain: bool) -> None:
-    """Read what a completed handshake negotiated and who the peer was."""
+def fill_success(
+    record: HandshakeRecord,
+    endpoint: SSLEndpoint,
+    *,
+    capture_chain: bool,
+    expiry_warning_s: float = 0.0,
+) -> None:
+    """Read what a completed handshake negotiated, who the peer was, and what was not checked.
+
+    ``expiry_warning_s`` is the window in which a peer certificate's coming expiry is a
+    validation gap (0: only once expired).
+    """
     record.presented_der = None  # the verified certificate, read below, names the peer
     # Both SSLSocket and SSLObject delegate each of these to the same methods of their
     # ``_sslobj`` (the C object); calling it directly saves a Python frame per value.
@@ -113,18 +137,32 @@ def fill_success(record: HandshakeRecord, endpoint: SSLEndpoint, *, capture_chai
     record.resumed = bool(tls.session_reused)
     record.next_protocol = tls.selected_alpn_protocol()
     der = tls.getpeercert(True)
+    # The context's own settings at this handshake (the application may change them after
+    # making it), read through the C getter: ``SSLContext.verify_mode`` builds an enum.
+    context = record.ssl_context = tls.context
+    checked = validation(
+        record.server_side,
+        _verify_mode(context),
+        context.check_hostname,
+        bool(der),
+        record.protocol_version,
+        record.cipher,
+    )
+    record.verify_result = checked.verify_result
+    record.hostname_verified = checked.hostname_verified
+    record.validation_gaps = checked.gaps
     if der:
         record.peer_der = der
         certificate = parse_certificate(der)
         if certificate.parse_error is not None:
             certificate = _complete_from_openssl(certificate, tls)
         record.peer_certificate = certificate
-        if record.server_side or endpoint.context.verify_mode != ssl.CERT_NONE:
-            record.verify_result = VERIFY_RESULT_SUCCESS
+        if peer_certificate_expiring(
+            certificate.not_after_timestamp, record.end_ns / 1e9, expiry_warning_s
+        ):
+            record.validation_gaps += (PEER_CERTIFICATE_EXPIRING,)
         if capture_chain or VERIFIED_CHAIN:
             record.peer_chain = peer_chain(endpoint, der)
-    else:
-        record.verify_result = VERIFY_RESULT_NONE
 
 
 _OPENSSL_SAN_KINDS: Final = {"DNS": "DNS", "URI": "URI", "IP Address": "IP", "email": "email"}
