@@ -722,6 +722,10 @@ def test_no_sni_means_no_server_name_from_sni(
     assert "tls.client.server_name" not in server
     assert server["server.address"] == server["network.local.address"] == "127.0.0.1"
     assert str(server["tls.client.ja4"])[3] == "i"
+    # The client's span says what it sent: no SNI, and the address it connected to.
+    client = dict(handshake_spans(exporter, "client")[-1].attributes or {})  # blocking()'s
+    assert "tls.client.server_name" not in client
+    assert client["server.address"] == "127.0.0.1"
 
     # Negative control: the same client naming the server sends SNI, and it is read.
     exporter.clear()
@@ -730,3 +734,5 @@ def test_no_sni_means_no_server_name_from_sni(
     named = only_server_spans()
     assert named["server.address"] == named["tls.client.server_name"] == "localhost"
     assert str(named["tls.client.ja4"])[3] == "d"
+    named_client = handshake_spans(exporter, "client")[-1]
+    assert (named_client.attributes or {})["tls.client.server_name"] == "localhost"

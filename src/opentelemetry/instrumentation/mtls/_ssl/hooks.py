@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import asyncio.base_events
 import asyncio.sslproto
+import functools
 import importlib.util
+import ipaddress
 import ssl
 import weakref
 from asyncio.events import _get_running_loop
@@ -252,7 +254,7 @@ class SSLHooks:
                 self._telemetry.active.add(1)
             else:
                 attempt.parent = context
-                attempt.server_name = tls.server_hostname
+                attempt.server_name = _sni(tls.server_hostname)
             return attempt
         except Exception as exc:
             _failsafe.report("starting a handshake record", exc)
@@ -579,3 +581,19 @@ def _timeout_error(timeout: float) -> TimeoutError:
 
 def _closed_error() -> ConnectionResetError:
     return ConnectionResetError("the peer closed the connection during the TLS handshake")
+
+
+@functools.lru_cache(maxsize=1024)
+def _sni(server_hostname: str | None) -> str | None:
+    """Return the SNI a client sends for ``server_hostname``: none for an IP address.
+
+    Python's ``ssl`` verifies an IP target against the certificate's IP addresses and
+    sends it no server name (RFC 6066 forbids literal addresses there).
+    """
+    if server_hostname is None:
+        return None
+    try:
+        ipaddress.ip_address(server_hostname.strip("[]"))
+    except ValueError:
+        return server_hostname
+    return None
