@@ -16,13 +16,21 @@ connection: the steady state that the target is about (the first request of a
 connection also derives and caches its attributes and TLS extension; that one-off cost
 is not measured here).
 
-Variants:
+Variants, one block of each per round:
 
 * ``bare``: the inner application alone;
 * ``otel``: ``OpenTelemetryMiddleware(inner)`` (opentelemetry-instrumentation-asgi);
-* ``otel+middleware``: ``OpenTelemetryMiddleware(MTLSMiddleware(inner))``;
-* ``otel+hook``: ``OpenTelemetryMiddleware(inner, server_request_hook=...)`` with the
-  package's composed hook, which is what ``MTLSInstrumentor`` (zero-code) installs.
+* ``lean``: ``OpenTelemetryMiddleware(inner, server_request_hook=...)`` with the
+  package's composed hook, which is what ``MTLSInstrumentor`` (zero-code) installs, and
+  the default request attributes (the identity: subject, issuer, hash, SPIFFE ID, source);
+* ``full``: the same with ``OTEL_PYTHON_MTLS_REQUEST_ATTRIBUTES=full`` (every peer
+  certificate attribute, version, cipher, resumption);
+* ``sdk floor``: ``otel`` with a ``server_request_hook`` that only sets the attributes
+  ``lean`` sets (the same dictionary) and adds the link, on a span that records: what
+  the SDK itself costs for what ``lean`` puts on a span; ``lean`` minus ``sdk floor`` is
+  what remains ours;
+* ``otel sampled-out`` and ``lean sampled-out``: ``otel`` and ``lean`` with a tracer
+  provider whose sampler is ``ALWAYS_OFF``: what a request whose span is dropped costs.
 
 Every ``OpenTelemetryMiddleware`` gets an SDK ``TracerProvider`` whose
 ``BatchSpanProcessor`` feeds a no-op exporter, and ``exclude_spans=["receive", "send"]``,
@@ -34,23 +42,19 @@ global one, the API's no-op unless something set it. After the warm-up, the heap
 frozen (``gc.freeze``) and each block starts after a full collection, so no block pays
 for collecting what an earlier one left or for scanning the long-lived heap.
 
-Blocks alternate in time, an ``otel`` block between every two others:
-``otel, A, otel, B, otel, C, otel, ...`` with the order of ``bare``, ``otel+middleware``
-and ``otel+hook`` rotating every round. A block's figure is its process CPU time per
-request; each non-``otel`` block is compared with the mean of the two ``otel`` blocks
-around it (the difference in microseconds, and the ratio of throughputs). The medians
-and interquartile ranges over the rounds are reported, with a distribution-free 95%
-confidence interval of each median. The ASGI instrumentation's own cost is ``otel``
-minus ``bare``; the enrichment's cost is ``otel+middleware`` (or ``otel+hook``) minus
-``otel``, and its share of the ASGI instrumentation's cost is taken round by round (each
-round has one block of every variant). The ``otel`` row of the table compares every
-inner ``otel`` block with the two ``otel`` blocks around it: the noise of one difference.
+A round is one block of every variant, in an order that rotates every round; a block's
+figure is its process CPU time per request. Per round, each variant's ratio is the
+throughput of its block over the ``bare`` block's (CPU per request inverted) and its added
+cost the difference in microseconds; the enrichment's cost is ``lean`` (``full``) minus
+``otel``, and ``lean sampled-out`` minus ``otel sampled-out``, in the same round. Rounds
+are added in batches until the distribution-free 95% confidence interval of the median of
+every ratio lies within +-0.01 of it, or the time allowed is spent (then it says so).
 
-Targets (from the issue): the enrichment costs at most 5 us per request, and at most 2%
-of what the ASGI instrumentation itself costs. Both are reported, met or not; the script
-exits 0 either way.
+Targets (issue 15): the enrichment costs at most 5 us per request in the default
+configuration, and at most 2 us for a sampled-out request. Both are reported, met or not;
+the script exits 0 either way.
 
-Run: ``python benchmarks/asgi_overhead.py [--seconds N] [--blocks N] [--quick]``.
+Run: ``python benchmarks/asgi_overhead.py [--block-ms N] [--max-seconds N] [--quick]``.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import SpanContext, SpanKind
 
-from opentelemetry.instrumentation.mtls import MTLSMiddleware
+from opentelemetry.instrumentation.mtls._requests import identity as _identity
 from opentelemetry.instrumentation.mtls._requests.asgi import compose_server_request_hook
 from opentelemetry.instrumentation.mtls._requests.connection import CURRENT, Connection
 from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, fill_success
@@ -100,13 +105,37 @@ else:  # run as a script, the script's directory is on sys.path
 
 SERVER_ADDRESS: Final = ("127.0.0.1", 8443)
 CLIENT_ADDRESS: Final = ("127.0.0.1", 50000)
-BASELINE: Final = "otel"
-OTHERS: Final = ("bare", "otel+middleware", "otel+hook")
-ENRICHED: Final = ("otel+middleware", "otel+hook")
-VARIANTS: Final = ("bare", BASELINE, *ENRICHED)
-TARGET_US: Final = 5.0
-TARGET_SHARE: Final = 0.02
+VARIANTS: Final = (
+    "bare",
+    "otel",
+    "lean",
+    "full",
+    "sdk floor",
+    "otel sampled-out",
+    "lean sampled-out",
+)
+ENRICHMENTS: Final = (
+    ("lean", "otel"),
+    ("full", "otel"),
+    ("sdk floor", "otel"),
+    ("lean sampled-out", "otel sampled-out"),
+)
+"""Each enriched variant and the variant it is compared with, in the same round."""
+SAMPLED_OUT: Final = ("otel sampled-out", "lean sampled-out")
+TARGETS_US: Final = {"lean": 5.0, "lean sampled-out": 2.0}
+CI_HALF_WIDTH: Final = 0.01
+BATCH: Final = 20
+"""Rounds added between two looks at the confidence intervals."""
 SUBJECT: Final = "tls.client.subject"
+LEAN_NAMES: Final = frozenset(
+    {
+        "tls.client.subject",
+        "tls.client.issuer",
+        "tls.client.hash.sha256",
+        "tls.client.spiffe_id",
+        "tls.client.identity.source",
+    }
+)
 _CHUNK: Final = 32
 """Requests between two looks at the clock."""
 _BIG: Final = 1 << 22
@@ -213,9 +242,10 @@ class CountingExporter(SpanExporter):
         pass
 
 
-def sdk_tracer_provider() -> tuple[TracerProvider, CountingExporter]:
-    exporter = CountingExporter()
-    provider = TracerProvider()
+def sdk_tracer_provider(
+    exporter: CountingExporter, sampler: Sampler | None = None
+) -> TracerProvider:
+    provider = TracerProvider(sampler=sampler)
     # The worker never wakes during a block (queue and batch larger than any block, a
     # delay longer than the run): spans are exported by ``force_flush``, between blocks.
     provider.add_span_processor(
@@ -226,7 +256,7 @@ def sdk_tracer_provider() -> tuple[TracerProvider, CountingExporter]:
             schedule_delay_millis=3_600_000,
         )
     )
-    return provider, exporter
+    return provider
 
 
 def flush(provider: TracerProvider) -> None:
@@ -266,18 +296,37 @@ def register_connection(provider: TracerProvider) -> Fixture:
     return Fixture(record, (server, client), record.span_context, subject)
 
 
-def build_apps(provider: TracerProvider) -> dict[str, ASGIApp]:
-    def otel(app: ASGIApp, **kwargs: Any) -> ASGIApp:
+def build_apps(provider: TracerProvider, sampled_out: TracerProvider) -> dict[str, ASGIApp]:
+    def otel(app: ASGIApp, tracer_provider: TracerProvider, **kwargs: Any) -> ASGIApp:
         middleware: ASGIApp = OpenTelemetryMiddleware(
-            app, tracer_provider=provider, exclude_spans=["receive", "send"], **kwargs
+            app, tracer_provider=tracer_provider, exclude_spans=["receive", "send"], **kwargs
         )
         return middleware
 
+    hook = compose_server_request_hook(None)
+    enriched = otel(inner_app, provider, server_request_hook=hook)
+    lean = _identity.RequestSettings()
+    floor: list[Any] = []
+
+    def sdk_only(span: Any, scope: Scope) -> None:
+        # The lean attributes, as the enrichment sets them, and the link: the SDK's part.
+        if not floor:
+            connection = CURRENT.get()
+            assert connection is not None and connection.record is not None
+            resolution = _identity.resolve(connection, {}, None, None, lean)
+            floor.extend((resolution.span_attributes(), resolution.link))
+        if span.is_recording():
+            span.set_attributes(floor[0])
+            span.add_link(floor[1])
+
     return {
         "bare": inner_app,
-        "otel": otel(inner_app),
-        "otel+middleware": otel(MTLSMiddleware(inner_app)),
-        "otel+hook": otel(inner_app, server_request_hook=compose_server_request_hook(None)),
+        "otel": otel(inner_app, provider),
+        "lean": enriched,
+        "full": enriched,
+        "sdk floor": otel(inner_app, provider, server_request_hook=sdk_only),
+        "otel sampled-out": otel(inner_app, sampled_out),
+        "lean sampled-out": otel(inner_app, sampled_out, server_request_hook=hook),
     }
 
 
@@ -298,23 +347,30 @@ class Block:
         return self.cpu / self.requests * 1e6
 
 
+LEAN_SETTINGS: Final = _identity.RequestSettings()
+FULL_SETTINGS: Final = _identity.RequestSettings(full=True)
+
+
 @dataclass
 class Bench:
     loop: asyncio.AbstractEventLoop
     apps: dict[str, ASGIApp]
-    provider: TracerProvider
+    providers: tuple[TracerProvider, TracerProvider]
     exporter: CountingExporter
     requests: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VARIANTS, 0))
     spans: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VARIANTS, 0))
 
     def block(self, name: str, *, seconds: float = 0.0, count: int = 0) -> Block:
+        """One block of one variant; the request settings are the variant's (lean or full)."""
+        _identity.configure(FULL_SETTINGS if name == "full" else LEAN_SETTINGS)
         before = self.exporter.count
         gc.collect()
         block = self.loop.run_until_complete(serve(self.apps[name], seconds=seconds, count=count))
         block.variant = name
-        flush(self.provider)
+        for provider in self.providers:
+            flush(provider)
         made = self.exporter.count - before
-        expected = 0 if name == "bare" else block.requests
+        expected = 0 if name == "bare" or name in SAMPLED_OUT else block.requests
         if made != expected:
             raise RuntimeError(f"{name}: {block.requests} requests made {made} spans")
         self.requests[name] += block.requests
@@ -323,7 +379,7 @@ class Bench:
 
 
 def warm_up(bench: Bench, fixture: Fixture) -> list[str]:
-    """Run every variant, and check on its spans that it enriches or does not."""
+    """Run every variant, and check on its spans and scopes what it records."""
     report = []
     for name in VARIANTS:
         bench.exporter.keep, bench.exporter.kept = True, []
@@ -331,71 +387,95 @@ def warm_up(bench: Bench, fixture: Fixture) -> list[str]:
         bench.exporter.keep = False
         spans = bench.exporter.kept
         extension = ((block.last_scope or {}).get("extensions") or {}).get("tls")
-        if name == "bare":
+        hooked = name in ("lean", "full", "lean sampled-out")
+        if hooked != isinstance(extension, dict):
+            raise RuntimeError(f"{name}: scope TLS extension is {extension!r}")
+        if name == "bare" or name in SAMPLED_OUT:
             if spans:
-                raise RuntimeError("bare: made spans")
-            report.append(f"  {name:<16} {block.requests:,} requests, no spans")
+                raise RuntimeError(f"{name}: made spans")
+            what = "TLS extension in the scope" if hooked else "no TLS extension"
+            report.append(f"  {name:<18} {block.requests:,} requests, no spans, {what}")
             continue
         server = [s for s in spans if s.kind is SpanKind.SERVER]
         if len(server) != len(spans) or len(spans) != block.requests:
             raise RuntimeError(f"{name}: {len(spans)} spans for {block.requests} requests")
-        enriched = name in ENRICHED
         for span in server:
             attributes = span.attributes or {}
             links = [link.context for link in span.links]
-            if enriched and (
-                attributes.get(SUBJECT) != fixture.subject or links != [fixture.handshake_span]
-            ):
-                raise RuntimeError(f"{name}: a server span is not enriched: {span.to_json()}")
-            if not enriched and (SUBJECT in attributes or links):
-                raise RuntimeError(f"{name}: a server span is enriched: {span.to_json()}")
-        if enriched != isinstance(extension, dict):
-            raise RuntimeError(f"{name}: scope TLS extension is {extension!r}")
-        last = server[-1]
-        what = (
-            f"{SUBJECT}={(last.attributes or {})[SUBJECT]!r}, 1 link to the handshake span, "
-            f"TLS extension in the scope"
-            if enriched
-            else f"no {SUBJECT}, no link, no TLS extension"
-        )
+            ours = {key for key in attributes if key.startswith("tls.")}
+            if name == "otel":
+                good = not ours and not links
+            else:
+                # Lean: the identity alone (the bench certificate has no SPIFFE ID).
+                lean = ours <= LEAN_NAMES
+                good = attributes.get(SUBJECT) == fixture.subject and (
+                    lean
+                    if name in ("lean", "sdk floor")
+                    else not lean and "tls.protocol.version" in ours
+                )
+                good = good and links == [fixture.handshake_span]
+            if not good:
+                raise RuntimeError(f"{name}: unexpected server span: {span.to_json()}")
+        last = (server[-1].attributes or {}).keys()
+        ours_last = sorted(key for key in last if key.startswith("tls."))
         report.append(
-            f"  {name:<16} {len(server):,} server spans of {block.requests:,} requests, "
-            f"{len(last.attributes or {})} attributes on the last: {what}"
+            f"  {name:<18} {len(server):,} server spans of {block.requests:,} requests, "
+            f"{len(last)} attributes on the last, {len(ours_last)} of them ours"
+            + (f" ({', '.join(ours_last)})" if name == "lean" else "")
         )
     return report
 
 
-def run(bench: Bench, rounds: int, block_seconds: float) -> list[Block]:
-    """Blocks ``otel, A, otel, B, otel, C, otel, ...``; A-C rotate one step each round."""
-    blocks = [bench.block(BASELINE, seconds=block_seconds)]
-    for r in range(rounds):
-        shift = r % len(OTHERS)
-        for name in OTHERS[shift:] + OTHERS[:shift]:
-            blocks.append(bench.block(name, seconds=block_seconds))
-            blocks.append(bench.block(BASELINE, seconds=block_seconds))
-    return blocks
+def run_round(bench: Bench, r: int, block_seconds: float) -> dict[str, Block]:
+    """One block of every variant, the order rotated by ``r``."""
+    shift = r % len(VARIANTS)
+    order = VARIANTS[shift:] + VARIANTS[:shift]
+    return {name: bench.block(name, seconds=block_seconds) for name in order}
+
+
+def measure(
+    bench: Bench, block_seconds: float, max_seconds: float
+) -> tuple[list[dict[str, Block]], bool]:
+    """Add rounds in batches until every ratio's 95% CI is within +-0.01, or time is up."""
+    rounds: list[dict[str, Block]] = []
+    converged = False
+    started = time.perf_counter()
+    while not converged and time.perf_counter() - started < max_seconds:
+        for _ in range(BATCH):
+            rounds.append(run_round(bench, len(rounds), block_seconds))
+        every = [*ratios(rounds).values(), *enrichment_ratios(rounds).values()]
+        converged = all(half_width(values) <= CI_HALF_WIDTH for values in every)
+    return rounds, converged
 
 
 # -- statistics and report ----------------------------------------------------------------
 
 
-@dataclass
-class Summary:
-    variant: str
-    us: float
-    """Median CPU time per request of the variant's blocks."""
-    diffs: list[float]
-    """Per block: its time per request minus its ``otel`` neighbours' mean, us."""
-    ratios: list[float]
-    """Per block: its throughput over its ``otel`` neighbours' mean throughput."""
+def ratios(rounds: list[dict[str, Block]]) -> dict[str, list[float]]:
+    """Per round: each variant's throughput over the ``bare`` block's."""
+    return {
+        name: [r["bare"].us / r[name].us for r in rounds] for name in VARIANTS if name != "bare"
+    }
 
-    @property
-    def diff(self) -> float:
-        return statistics.median(self.diffs)
 
-    @property
-    def ratio(self) -> float:
-        return statistics.median(self.ratios)
+def enrichment_ratios(rounds: list[dict[str, Block]]) -> dict[str, list[float]]:
+    """Per round: each enriched variant's throughput over its reference's."""
+    return {
+        f"{name} / {reference}": [r[reference].us / r[name].us for r in rounds]
+        for name, reference in ENRICHMENTS
+    }
+
+
+def added(rounds: list[dict[str, Block]], name: str, reference: str = "bare") -> list[float]:
+    """Per round: a variant's CPU time per request minus its reference's, us."""
+    return [r[name].us - r[reference].us for r in rounds]
+
+
+def half_width(values: list[float]) -> float:
+    """How far the 95% confidence interval of the median reaches from it."""
+    median = statistics.median(values)
+    low, high = median_ci(values)
+    return max(median - low, high - median)
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -405,151 +485,86 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{median:{fmt}} (IQR {q1:{fmt}}..{q3:{fmt}}, 95% CI {c1:{fmt}}..{c3:{fmt}})"
 
 
-def summarize(blocks: list[Block]) -> dict[str, Summary]:
-    """Compare each non-baseline block with the mean of the two ``otel`` blocks around it."""
-    base = [i for i, b in enumerate(blocks) if b.variant == BASELINE]
-    diffs: dict[str, list[float]] = {name: [] for name in OTHERS}
-    ratios: dict[str, list[float]] = {name: [] for name in OTHERS}
-    for i, b in enumerate(blocks):
-        if b.variant == BASELINE:
-            continue
-        before, after = blocks[i - 1], blocks[i + 1]
-        reference = (before.us + after.us) / 2
-        diffs[b.variant].append(b.us - reference)
-        ratios[b.variant].append(_ratio(b, before, after))
-    noise = [
-        (blocks[j].us - (blocks[i].us + blocks[k].us) / 2, _ratio(blocks[j], blocks[i], blocks[k]))
-        for i, j, k in zip(base, base[1:], base[2:], strict=False)
-    ] or [(0.0, 1.0)]
-    result = {
-        BASELINE: Summary(
-            BASELINE,
-            statistics.median(blocks[i].us for i in base),
-            [d for d, _ in noise],
-            [r for _, r in noise],
-        )
-    }
-    for name in OTHERS:
-        result[name] = Summary(
-            name,
-            statistics.median(b.us for b in blocks if b.variant == name),
-            diffs[name],
-            ratios[name],
-        )
-    return result
-
-
-def _ratio(block: Block, before: Block, after: Block) -> float:
-    """Throughput of ``block`` over the mean throughput of its two neighbours."""
-    rate = 1 / block.us
-    return rate / ((1 / before.us + 1 / after.us) / 2)
-
-
-def shares(summary: dict[str, Summary]) -> dict[str, list[float]]:
-    """Per round: each enriched variant's cost as a share of that round's ASGI cost.
-
-    Every round has one block of each variant, so the ``i``-th differences of two
-    variants come from the same round.
-    """
-    asgi = [-d for d in summary["bare"].diffs]
-    return {
-        name: [
-            enrichment / cost
-            for enrichment, cost in zip(summary[name].diffs, asgi, strict=True)
-            if cost > 0
-        ]
-        for name in ENRICHED
-    }
-
-
-def print_table(summary: dict[str, Summary], blocks: list[Block], block_seconds: float) -> None:
-    base = [b.us for b in blocks if b.variant == BASELINE]
-    q1, q3 = quartiles(base)
-    requests = statistics.median(b.requests for b in blocks if b.variant == BASELINE)
+def print_table(rounds: list[dict[str, Block]], block_seconds: float, converged: bool) -> None:
+    ratio = ratios(rounds)
+    requests = statistics.median(r["otel"].requests for r in rounds)
     print(
-        f"\n{len(blocks)} blocks of {block_seconds * 1e3:.0f} ms (~{requests:,.0f} otel "
-        f"requests each); otel blocks: {statistics.median(base):.2f} us per request, "
-        f"IQR {q1:.2f}..{q3:.2f}"
+        f"\n{len(rounds)} rounds of {len(VARIANTS)} blocks of {block_seconds * 1e3:.0f} ms "
+        f"(~{requests:,.0f} otel requests each)"
     )
     header = (
-        f"  {'variant':<16} {'us/request':>10} {'- otel us':>9} {'IQR':>13} "
-        f"{'median 95% CI':>13} {'ratio':>7} {'ratio IQR':>15}"
+        f"  {'variant':<18} {'us/request':>10} {'+us vs bare':>11} {'ratio':>7} "
+        f"{'ratio 95% CI':>15} {'+-':>6}"
     )
     print(header)
     print("  " + "-" * (len(header) - 2))
     for name in VARIANTS:
-        s = summary[name]
-        d1, d3 = quartiles(s.diffs)
-        c1, c3 = median_ci(s.diffs)
-        r1, r3 = quartiles(s.ratios)
+        us = statistics.median(r[name].us for r in rounds)
+        if name == "bare":
+            print(f"  {name:<18} {us:>10.2f} {'':>11} {1.0:>7.4f}")
+            continue
+        values = ratio[name]
+        c1, c3 = median_ci(values)
         print(
-            f"  {name:<16} {s.us:>10.2f} {s.diff:>+9.2f} {f'{d1:+.2f}..{d3:+.2f}':>13} "
-            f"{f'{c1:+.2f}..{c3:+.2f}':>13} {s.ratio:>7.4f} {f'{r1:.4f}..{r3:.4f}':>15}"
+            f"  {name:<18} {us:>10.2f} {statistics.median(added(rounds, name)):>+11.2f} "
+            f"{statistics.median(values):>7.4f} {f'{c1:.4f}..{c3:.4f}':>15} "
+            f"{half_width(values):>6.4f}"
         )
+    for name, values in enrichment_ratios(rounds).items():
+        c1, c3 = median_ci(values)
+        print(
+            f"  {name:<35} ratio {statistics.median(values):.4f} "
+            f"(95% CI {c1:.4f}..{c3:.4f}, +-{half_width(values):.4f})"
+        )
+    every = [*ratio.values(), *enrichment_ratios(rounds).values()]
+    widest = max(half_width(v) for v in every)
+    verdict = "within" if converged else "NOT within"
     print(
-        "  (- otel: the block's CPU time per request minus the mean of its two otel "
-        "neighbours';\n   ratio: its throughput over theirs; otel row: each inner otel block "
-        "against\n   the two otel blocks around it, i.e. the noise floor of one difference)"
+        f"  (ratio: throughput over bare's, median of the rounds; +-: how far its 95% CI "
+        f"reaches;\n   every ratio's CI {verdict} +-{CI_HALF_WIDTH}: widest +-{widest:.4f})"
     )
 
 
-def print_costs(
-    summary: dict[str, Summary], share: dict[str, list[float]]
-) -> list[tuple[str, bool]]:
-    asgi = [-d for d in summary["bare"].diffs]
-    asgi_us = statistics.median(asgi)
+def print_costs(rounds: list[dict[str, Block]]) -> list[tuple[str, bool]]:
+    asgi = added(rounds, "otel")
     print(f"\nASGI instrumentation's own cost (otel - bare): {spread(asgi, '.2f')} us per request")
     checks: list[tuple[str, bool]] = []
-    for name in ENRICHED:
-        s = summary[name]
-        shares_pct = [100 * x for x in share[name]]
-        share_pct = statistics.median(shares_pct)
-        print(f"enrichment cost, {name} - otel: {spread(s.diffs, '+.2f')} us per request")
-        print(
-            f"  = {spread(shares_pct, '.2f')} % of the ASGI instrumentation's cost, "
-            f"round by round ({100 * s.diff / asgi_us:.2f} % as a ratio of the medians)"
-        )
-        checks.append(
-            (
-                f"{name}: enrichment <= {TARGET_US:.0f} us per request: {s.diff:.2f} us "
-                f"(95% CI upper bound {median_ci(s.diffs)[1]:.2f} us)",
-                s.diff <= TARGET_US,
+    for name, reference in ENRICHMENTS:
+        diffs = added(rounds, name, reference)
+        median = statistics.median(diffs)
+        print(f"enrichment, {name} - {reference}: {spread(diffs, '+.2f')} us per request")
+        target = TARGETS_US.get(name)
+        if target is not None:
+            checks.append(
+                (
+                    f"{name}: enrichment <= {target:.0f} us per request: {median:.2f} us "
+                    f"(95% CI upper bound {median_ci(diffs)[1]:.2f} us)",
+                    median <= target,
+                )
             )
-        )
-        checks.append(
-            (
-                f"{name}: enrichment <= {100 * TARGET_SHARE:.0f}% of the ASGI "
-                f"instrumentation's cost: {share_pct:.2f} % "
-                f"(95% CI upper bound {median_ci(shares_pct)[1]:.2f} %)",
-                share_pct <= 100 * TARGET_SHARE,
-            )
-        )
     return checks
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--seconds",
-        type=float,
-        default=None,
-        help="total time of the timed blocks (default 50; --quick: 7)",
+        "--block-ms", type=float, default=None, help="length of one block (default 20; --quick: 10)"
     )
     parser.add_argument(
-        "--blocks",
-        type=int,
+        "--max-seconds",
+        type=float,
         default=None,
-        help="block rounds; each round is one block of bare, otel+middleware and otel+hook, "
-        "each followed by an otel block (default 400; --quick: 60)",
+        help="time allowed for the timed rounds before giving up on the +-0.01 intervals "
+        "(default 300; --quick: 20)",
     )
-    parser.add_argument("--quick", action="store_true", help="a ~10 s smoke run")
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     args = parser.parse_args(argv)
-    if args.seconds is None:
-        args.seconds = 7.0 if args.quick else 50.0
-    if args.blocks is None:
-        args.blocks = 60 if args.quick else 400
-    if args.seconds <= 0 or args.blocks < 1:
-        parser.error("--seconds must be positive and --blocks at least 1")
+    if args.block_ms is None:
+        args.block_ms = 10.0 if args.quick else 20.0
+    if args.max_seconds is None:
+        args.max_seconds = 20.0 if args.quick else 300.0
+    if args.block_ms <= 0 or args.max_seconds <= 0:
+        parser.error("--block-ms and --max-seconds must be positive")
     return args
 
 
@@ -636,19 +651,22 @@ def tie_costs(connection: Connection, rounds: int = 15, loops: int = 200_000) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    rounds: int = args.blocks
-    block_count = 1 + rounds * 2 * len(OTHERS)
-    block_seconds = args.seconds / block_count
+    block_seconds: float = args.block_ms / 1e3
     print(versions(("opentelemetry-instrumentation-asgi", "asgiref")))
     print(
-        f"{rounds} rounds x {2 * len(OTHERS)} blocks (+1) of {block_seconds * 1e3:.1f} ms; "
-        "time = process CPU time per request, ASGI apps called directly on one asyncio loop"
+        f"rounds of {len(VARIANTS)} blocks of {args.block_ms:.0f} ms, in batches of {BATCH}, "
+        f"until every ratio's 95% CI is within +-{CI_HALF_WIDTH} (at most "
+        f"{args.max_seconds:.0f} s); time = process CPU time per request, ASGI apps called "
+        "directly on one asyncio loop"
     )
     sys.stdout.flush()
 
     started = time.perf_counter()
-    provider, exporter = sdk_tracer_provider()
+    exporter = CountingExporter()
+    provider = sdk_tracer_provider(exporter)
+    sampled_out = sdk_tracer_provider(exporter, ALWAYS_OFF)
     loop = asyncio.new_event_loop()
+    settings = _identity.SETTINGS
     try:
         fixture = register_connection(provider)
         flush(provider)
@@ -659,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{record.cipher}, client {fixture.subject!r}, "
             f"verify {record.verify_result}"
         )
-        bench = Bench(loop, build_apps(provider), provider, exporter)
+        bench = Bench(loop, build_apps(provider, sampled_out), (provider, sampled_out), exporter)
         sanity = warm_up(bench, fixture)
         print("sanity (warm-up, checked on every exported span and on the last scope):")
         print("\n".join(sanity))
@@ -670,24 +688,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         gc.freeze()
         try:
-            blocks = run(bench, rounds, block_seconds)
+            rounds, converged = measure(bench, block_seconds, args.max_seconds)
         finally:
             gc.unfreeze()
         if CURRENT.get() is None:
             raise RuntimeError("the connection was lost during the run")
     finally:
+        _identity.configure(settings)
         loop.close()
         provider.shutdown()
+        sampled_out.shutdown()
         CURRENT.set(None)
 
     print("requests and spans, warm-up included:")
     for name in VARIANTS:
-        print(f"  {name:<16} {bench.requests[name]:>10,} requests, {bench.spans[name]:>10,} spans")
+        print(f"  {name:<18} {bench.requests[name]:>10,} requests, {bench.spans[name]:>10,} spans")
 
-    summary = summarize(blocks)
-    print_table(summary, blocks, block_seconds)
+    print_table(rounds, block_seconds, converged)
     tie_costs(Connection(SERVER_ADDRESS, CLIENT_ADDRESS, fixture.record))
-    checks = print_costs(summary, shares(summary))
+    checks = print_costs(rounds)
     print("targets:")
     for text, met in checks:
         print(f"  [{'MET   ' if met else 'MISSED'}] {text}")

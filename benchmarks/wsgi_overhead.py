@@ -18,11 +18,14 @@ Variants, one server process each:
 
 * ``bare``: the inner WSGI application alone;
 * ``otel``: ``OpenTelemetryMiddleware(inner)`` (opentelemetry-instrumentation-wsgi);
-* ``otel+mtls``: the same, in a process where ``MTLSInstrumentor().instrument()`` ran
-  before the server was made: the server opens every request and the middleware's server
-  span gets the identity and the link (``_requests/servers.py``, ``server_spans.py``);
-* ``otel+mtls+middleware``: the same with ``MTLSWSGIMiddleware`` inside
-  ``OpenTelemetryMiddleware``, which finds the span already enriched.
+* ``lean``: the same, in a process where ``MTLSInstrumentor().instrument()`` ran before
+  the server was made: the server opens every request and the middleware's server span
+  gets the identity (the default, lean request attributes) and the link
+  (``_requests/servers.py``, ``server_spans.py``);
+* ``full``: the same with ``request_attributes="full"``
+  (``OTEL_PYTHON_MTLS_REQUEST_ATTRIBUTES=full``);
+* ``otel sampled-out`` and ``lean sampled-out``: ``otel`` and ``lean`` with a tracer
+  provider whose sampler is ``ALWAYS_OFF``: what a request whose span is dropped costs.
 
 Every ``OpenTelemetryMiddleware`` gets an SDK ``TracerProvider`` whose
 ``BatchSpanProcessor`` feeds a no-op exporter (queue and batch larger than any block,
@@ -30,24 +33,22 @@ a delay longer than the run: spans are flushed between blocks, outside the timed
 gunicorn's access log is off. The inner application answers ``ok``.
 
 A block is ``--requests`` requests to one server; its figure is the server process's
-CPU time per request (``time.process_time_ns()`` of the worker process, all its threads, read by a
-control request answered outside every middleware before and after the block; the
-client's own CPU time is not counted). Blocks alternate in time, an ``otel`` block
-between every two others, ``otel, A, otel, B, otel, C, otel, ...``, the order of
-``bare``, ``otel+mtls`` and ``otel+mtls+middleware`` rotating every round; each
-non-``otel`` block is compared with the mean of the two ``otel`` blocks around it: the
-difference in microseconds and the ratio of throughputs (CPU per request inverted).
-Medians, interquartile ranges and distribution-free 95% confidence intervals of the
-medians are reported. The WSGI instrumentation's own cost is ``otel`` minus ``bare``;
-the enrichment's (what our instrumentation adds to a request: the ssl hooks on each
-read and write, opening the request, the identity, its attributes and the link) is
-``otel+mtls`` minus ``otel``, also as a share of the WSGI instrumentation's cost, round
-by round. The warm-up checks, on every variant's last span, that it is enriched or not.
+CPU time per request (``time.process_time_ns()`` of the worker process, all its threads,
+read by a control request answered outside every middleware before and after the block;
+the client's own CPU time is not counted). A round is one block of every variant, in an
+order that rotates every round. Per round, each variant's ratio is its throughput (CPU
+per request inverted) over the ``bare`` block's, and its added cost the difference in
+microseconds; the enrichment's cost (what our instrumentation adds to a request: the ssl
+hooks on each read and write, opening the request, the identity, its attributes and the
+link) is ``lean`` (``full``) minus ``otel``, and ``lean sampled-out`` minus ``otel
+sampled-out``, in the same round. Rounds are added in batches until the 95% confidence
+interval of the median of every ratio lies within +-0.01 of it, or the time allowed is
+spent (then it says so). The warm-up checks, on every variant's last span, what it records.
 
-ASGI's targets (at most 5 us per request, at most 2% of the instrumentation's own
-cost) are printed for comparison, met or not; the script exits 0 either way.
+The request targets of issue 15 (at most 5 us per request by default, at most 2 us for a
+sampled-out request) are printed, met or not; the script exits 0 either way.
 
-Run: ``python benchmarks/wsgi_overhead.py [--blocks N] [--requests N] [--quick]``.
+Run: ``python benchmarks/wsgi_overhead.py [--requests N] [--max-seconds N] [--quick]``.
 """
 
 from __future__ import annotations
@@ -82,12 +83,15 @@ if TYPE_CHECKING:  # mypy, run from the repository's root, sees the directory as
 else:  # run as a script, the script's directory is on sys.path
     from handshake_overhead import CLIENT_NAME, SERVER_NAME, median_ci, quartiles, versions
 
-BASELINE: Final = "otel"
-OTHERS: Final = ("bare", "otel+mtls", "otel+mtls+middleware")
-ENRICHED: Final = ("otel+mtls", "otel+mtls+middleware")
-VARIANTS: Final = ("bare", BASELINE, *ENRICHED)
-TARGET_US: Final = 5.0
-TARGET_SHARE: Final = 0.02
+VARIANTS: Final = ("bare", "otel", "lean", "full", "otel sampled-out", "lean sampled-out")
+ENRICHED: Final = ("lean", "full", "lean sampled-out")
+SAMPLED_OUT: Final = ("otel sampled-out", "lean sampled-out")
+ENRICHMENTS: Final = (("lean", "otel"), ("full", "otel"), ("lean sampled-out", "otel sampled-out"))
+"""Each enriched variant and the variant it is compared with, in the same round."""
+TARGETS_US: Final = {"lean": 5.0, "lean sampled-out": 2.0}
+CI_HALF_WIDTH: Final = 0.01
+BATCH: Final = 10
+"""Rounds added between two looks at the confidence intervals."""
 SUBJECT: Final = "tls.client.subject"
 HANDSHAKE: Final = "TLS server handshake"
 CONTROL: Final = "/_bench/"
@@ -118,10 +122,10 @@ def serve(variant: str, certs: Path, port: int) -> None:
         SpanExporter,
         SpanExportResult,
     )
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
     from opentelemetry.trace import SpanKind
 
     from opentelemetry.instrumentation.mtls import MTLSInstrumentor
-    from opentelemetry.instrumentation.mtls._requests.wsgi import MTLSWSGIMiddleware
 
     class LastSpanExporter(SpanExporter):
         """A no-op exporter that counts spans and keeps the last one."""
@@ -140,7 +144,7 @@ def serve(variant: str, certs: Path, port: int) -> None:
             return SpanExportResult.SUCCESS
 
     exporter = LastSpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=ALWAYS_OFF if variant in SAMPLED_OUT else None)
     provider.add_span_processor(
         BatchSpanProcessor(
             exporter,
@@ -150,10 +154,9 @@ def serve(variant: str, certs: Path, port: int) -> None:
         )
     )
     if variant in ENRICHED:
-        MTLSInstrumentor().instrument(tracer_provider=provider)
+        full = "full" if variant == "full" else "lean"
+        MTLSInstrumentor().instrument(tracer_provider=provider, request_attributes=full)
     app: WSGIApp = inner_app
-    if variant == "otel+mtls+middleware":
-        app = MTLSWSGIMiddleware(app)
     if variant != "bare":
         app = OpenTelemetryMiddleware(app, tracer_provider=provider)
 
@@ -172,6 +175,7 @@ def serve(variant: str, certs: Path, port: int) -> None:
                 "subject": attributes.get(SUBJECT),
                 "links": len(last.links) if last is not None else 0,
                 "attributes": len(attributes),
+                "ours": sorted(key for key in attributes if key.startswith("tls.")),
                 "names": exporter.names,
             }
         body = json.dumps(answer).encode()
@@ -314,7 +318,7 @@ class Bench:
         after = server.control("cpu")["cpu_ns"]
         flushed = server.control("flush")
         made = flushed["spans"] - self.spans[name]
-        expected = 0 if name == "bare" else count
+        expected = 0 if name == "bare" or name in SAMPLED_OUT else count
         if made != expected:
             raise RuntimeError(f"{name}: {count} requests made {made} spans: {flushed}")
         self.spans[name] = flushed["spans"]
@@ -328,59 +332,65 @@ def warm_up(bench: Bench, count: int) -> list[str]:
     for name in VARIANTS:
         bench.block(name, count)
         last = bench.servers[name].control("flush")
-        if name == "bare":
-            report.append(f"  {name:<22} {count:,} requests, no spans")
+        if name == "bare" or name in SAMPLED_OUT:
+            report.append(f"  {name:<18} {count:,} requests, no spans")
             continue
-        enriched = name in ENRICHED
-        subject = last["subject"]
-        if enriched and (subject is None or CLIENT_NAME not in subject or last["links"] != 1):
-            raise RuntimeError(f"{name}: the last server span is not enriched: {last}")
-        if not enriched and (subject is not None or last["links"]):
-            raise RuntimeError(f"{name}: the last server span is enriched: {last}")
-        what = (
-            f"{SUBJECT}={subject!r}, 1 link to the handshake span"
-            if enriched
-            else f"no {SUBJECT}, no link"
-        )
+        subject, ours = last["subject"], last["ours"]
+        if name == "otel":
+            good = subject is None and not last["links"] and not ours
+        else:
+            lean = "tls.protocol.version" not in ours
+            good = (
+                subject is not None
+                and CLIENT_NAME in subject
+                and last["links"] == 1
+                and lean == (name == "lean")
+            )
+        if not good:
+            raise RuntimeError(f"{name}: unexpected last server span: {last}")
         report.append(
-            f"  {name:<22} {count:,} requests, {last['attributes']} attributes on the last "
-            f"server span: {what}"
+            f"  {name:<18} {count:,} requests, {last['attributes']} attributes on the last "
+            f"server span, {len(ours)} of them ours, {last['links']} link"
+            + (f" ({', '.join(ours)})" if name == "lean" else "")
         )
     return report
 
 
-def run(bench: Bench, rounds: int, count: int) -> list[Block]:
-    """Blocks ``otel, A, otel, B, otel, C, otel, ...``; A-C rotate one step each round."""
-    blocks = [bench.block(BASELINE, count)]
-    for r in range(rounds):
-        shift = r % len(OTHERS)
-        for name in OTHERS[shift:] + OTHERS[:shift]:
-            blocks.append(bench.block(name, count))
-            blocks.append(bench.block(BASELINE, count))
-    return blocks
+def run_round(bench: Bench, r: int, count: int) -> dict[str, Block]:
+    """One block of every variant, the order rotated by ``r``."""
+    shift = r % len(VARIANTS)
+    return {name: bench.block(name, count) for name in VARIANTS[shift:] + VARIANTS[:shift]}
 
 
-# -- statistics and report ----------------------------------------------------------------
+def measure(bench: Bench, count: int, max_seconds: float) -> tuple[list[dict[str, Block]], bool]:
+    """Add rounds in batches until every ratio's 95% CI is within +-0.01, or time is up."""
+    rounds: list[dict[str, Block]] = []
+    converged = False
+    started = time.perf_counter()
+    while not converged and time.perf_counter() - started < max_seconds:
+        for _ in range(BATCH):
+            rounds.append(run_round(bench, len(rounds), count))
+        converged = all(half_width(values) <= CI_HALF_WIDTH for values in ratios(rounds).values())
+    return rounds, converged
 
 
-def _ratio(block: Block, before: Block, after: Block) -> float:
-    """Throughput of ``block`` over the mean throughput of its two neighbours."""
-    return (1 / block.us) / ((1 / before.us + 1 / after.us) / 2)
+def ratios(rounds: list[dict[str, Block]]) -> dict[str, list[float]]:
+    """Per round: each variant's throughput over the ``bare`` block's."""
+    return {
+        name: [r["bare"].us / r[name].us for r in rounds] for name in VARIANTS if name != "bare"
+    }
 
 
-def summarize(blocks: list[Block]) -> dict[str, tuple[list[float], list[float]]]:
-    """Per variant: (differences in us, throughput ratios) against its ``otel`` neighbours."""
-    result: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in VARIANTS}
-    base = [i for i, b in enumerate(blocks) if b.variant == BASELINE]
-    for i, b in enumerate(blocks):
-        if b.variant != BASELINE:
-            before, after = blocks[i - 1], blocks[i + 1]
-            result[b.variant][0].append(b.us - (before.us + after.us) / 2)
-            result[b.variant][1].append(_ratio(b, before, after))
-    for i, j, k in zip(base, base[1:], base[2:], strict=False):  # the noise of one difference
-        result[BASELINE][0].append(blocks[j].us - (blocks[i].us + blocks[k].us) / 2)
-        result[BASELINE][1].append(_ratio(blocks[j], blocks[i], blocks[k]))
-    return result
+def added(rounds: list[dict[str, Block]], name: str, reference: str = "bare") -> list[float]:
+    """Per round: a variant's server CPU time per request minus its reference's, us."""
+    return [r[name].us - r[reference].us for r in rounds]
+
+
+def half_width(values: list[float]) -> float:
+    """How far the 95% confidence interval of the median reaches from it."""
+    median = statistics.median(values)
+    low, high = median_ci(values)
+    return max(median - low, high - median)
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -390,89 +400,78 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{median:{fmt}} (IQR {q1:{fmt}}..{q3:{fmt}}, 95% CI {c1:{fmt}}..{c3:{fmt}})"
 
 
-def report(blocks: list[Block], count: int) -> list[tuple[str, bool]]:
-    summary = summarize(blocks)
-    base = [b.us for b in blocks if b.variant == BASELINE]
-    q1, q3 = quartiles(base)
-    print(
-        f"\n{len(blocks)} blocks of {count:,} requests; otel blocks: "
-        f"{statistics.median(base):.2f} us of server CPU per request, IQR {q1:.2f}..{q3:.2f}"
-    )
+def report(rounds: list[dict[str, Block]], count: int, converged: bool) -> list[tuple[str, bool]]:
+    ratio = ratios(rounds)
+    print(f"\n{len(rounds)} rounds of {len(VARIANTS)} blocks of {count} requests")
     header = (
-        f"  {'variant':<22} {'us/request':>10} {'- otel us':>9} {'IQR':>13} "
-        f"{'median 95% CI':>13} {'ratio':>7} {'ratio IQR':>15}"
+        f"  {'variant':<18} {'us/request':>10} {'+us vs bare':>11} {'ratio':>7} "
+        f"{'ratio 95% CI':>15} {'+-':>6}"
     )
     print(header)
     print("  " + "-" * (len(header) - 2))
     for name in VARIANTS:
-        diffs, ratios = summary[name]
-        us = statistics.median(b.us for b in blocks if b.variant == name)
-        d1, d3 = quartiles(diffs)
-        c1, c3 = median_ci(diffs)
-        r1, r3 = quartiles(ratios)
+        us = statistics.median(r[name].us for r in rounds)
+        if name == "bare":
+            print(f"  {name:<18} {us:>10.2f} {'':>11} {1.0:>7.4f}")
+            continue
+        values = ratio[name]
+        c1, c3 = median_ci(values)
         print(
-            f"  {name:<22} {us:>10.2f} {statistics.median(diffs):>+9.2f} "
-            f"{f'{d1:+.2f}..{d3:+.2f}':>13} {f'{c1:+.2f}..{c3:+.2f}':>13} "
-            f"{statistics.median(ratios):>7.4f} {f'{r1:.4f}..{r3:.4f}':>15}"
+            f"  {name:<18} {us:>10.2f} {statistics.median(added(rounds, name)):>+11.2f} "
+            f"{statistics.median(values):>7.4f} {f'{c1:.4f}..{c3:.4f}':>15} "
+            f"{half_width(values):>6.4f}"
         )
+    widest = max(half_width(v) for v in ratio.values())
+    verdict = "within" if converged else "NOT within"
     print(
-        "  (- otel: the block's server CPU time per request minus the mean of its two otel\n"
-        "   neighbours'; ratio: its throughput over theirs; otel row: each inner otel block\n"
-        "   against the two otel blocks around it, i.e. the noise floor of one difference)"
+        f"  (ratio: throughput over bare's, median of the rounds; +-: how far its 95% CI "
+        f"reaches;\n   every ratio's CI {verdict} +-{CI_HALF_WIDTH}: widest +-{widest:.4f})"
     )
-    wsgi = [-d for d in summary["bare"][0]]
+    wsgi = added(rounds, "otel")
     print(f"\nWSGI instrumentation's own cost (otel - bare): {spread(wsgi, '.2f')} us per request")
-    checks = []
-    for name in ENRICHED:
-        diffs = summary[name][0]
-        share = [100 * d / c for d, c in zip(diffs, wsgi, strict=True) if c > 0]
-        diff = statistics.median(diffs)
-        print(f"enrichment cost, {name} - otel: {spread(diffs, '+.2f')} us per request")
-        print(f"  = {spread(share, '.2f')} % of the WSGI instrumentation's cost, round by round")
-        checks.append(
-            (
-                f"{name}: enrichment <= {TARGET_US:.0f} us per request: {diff:.2f} us "
-                f"(95% CI upper bound {median_ci(diffs)[1]:.2f} us)",
-                diff <= TARGET_US,
+    checks: list[tuple[str, bool]] = []
+    for name, reference in ENRICHMENTS:
+        diffs = added(rounds, name, reference)
+        median = statistics.median(diffs)
+        print(f"enrichment, {name} - {reference}: {spread(diffs, '+.2f')} us per request")
+        target = TARGETS_US.get(name)
+        if target is not None:
+            checks.append(
+                (
+                    f"{name}: enrichment <= {target:.0f} us per request: {median:.2f} us "
+                    f"(95% CI upper bound {median_ci(diffs)[1]:.2f} us)",
+                    median <= target,
+                )
             )
-        )
-        checks.append(
-            (
-                f"{name}: enrichment <= {100 * TARGET_SHARE:.0f}% of the WSGI instrumentation's "
-                f"cost: {statistics.median(share):.2f} % "
-                f"(95% CI upper bound {median_ci(share)[1]:.2f} %)",
-                statistics.median(share) <= 100 * TARGET_SHARE,
-            )
-        )
     return checks
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
-        "--blocks",
-        type=int,
-        default=None,
-        help="block rounds; each round is one block of bare, otel+mtls and "
-        "otel+mtls+middleware, each followed by an otel block (default 40; --quick: 8)",
-    )
-    parser.add_argument(
         "--requests",
         type=int,
         default=None,
-        help="requests per block (default 400; --quick: 200)",
+        help="requests per block (default 400; --quick: 100)",
     )
-    parser.add_argument("--quick", action="store_true", help="a ~15 s smoke run")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="time allowed for the timed rounds before giving up on the +-0.01 intervals "
+        "(default 600; --quick: 20)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a ~40 s smoke run")
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--certs", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.blocks is None:
-        args.blocks = 8 if args.quick else 40
     if args.requests is None:
-        args.requests = 200 if args.quick else 400
-    if args.blocks < 1 or args.requests < 1:
-        parser.error("--blocks and --requests must be at least 1")
+        args.requests = 100 if args.quick else 400
+    if args.max_seconds is None:
+        args.max_seconds = 20.0 if args.quick else 600.0
+    if args.requests < 1 or args.max_seconds <= 0:
+        parser.error("--requests must be at least 1 and --max-seconds positive")
     return args
 
 
@@ -483,8 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(versions(("opentelemetry-instrumentation-wsgi", "gunicorn")))
     print(
-        f"{args.blocks} rounds x {2 * len(OTHERS)} blocks (+1) of {args.requests} requests; "
-        "time = the worker process's CPU time per request, gunicorn gthread (1 worker), "
+        f"rounds of {len(VARIANTS)} blocks of {args.requests} requests, in batches of {BATCH}, "
+        f"until every ratio's 95% CI is within +-{CI_HALF_WIDTH} (at most "
+        f"{args.max_seconds:.0f} s); time = the worker process's CPU time per request, "
+        "gunicorn gthread (1 worker), "
         "one kept-alive mutual-TLS 1.3 connection per server"
     )
     sys.stdout.flush()
@@ -499,15 +500,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("sanity (warm-up, checked on each variant's last exported span):")
             print("\n".join(warm_up(bench, args.requests)))
             sys.stdout.flush()
-            blocks = run(bench, args.blocks, args.requests)
+            rounds, converged = measure(bench, args.requests, args.max_seconds)
         finally:
             for server in servers.values():
                 stop(server)
     print("requests and spans, warm-up included:")
     for name in VARIANTS:
         print(f"  {name:<22} {bench.requests[name]:>10,} requests, {bench.spans[name]:>10,} spans")
-    checks = report(blocks, args.requests)
-    print("ASGI's targets, for comparison:")
+    checks = report(rounds, args.requests, converged)
+    print("targets:")
     for text, met in checks:
         print(f"  [{'MET   ' if met else 'MISSED'}] {text}")
     print(f"\n{time.perf_counter() - started:.0f} s including warm-up and start-up")

@@ -53,6 +53,32 @@ class PKI:
         return ctx
 
 
+# What a request span carries of its connection's handshake: the lean identity by
+# default, and what OTEL_PYTHON_MTLS_REQUEST_ATTRIBUTES=full adds (the contract's rows).
+LEAN = frozenset(
+    {
+        "tls.client.subject",
+        "tls.client.issuer",
+        "tls.client.hash.sha256",
+        "tls.client.spiffe_id",
+        "tls.client.identity.source",
+    }
+)
+FULL_ONLY = frozenset(
+    {
+        "tls.client.not_before",
+        "tls.client.not_after",
+        "tls.client.x509.serial_number",
+        "tls.client.x509.subject.common_name",
+        "tls.client.x509.alternative_names",
+        "tls.client.verify.result",
+        "tls.protocol.version",
+        "tls.cipher",
+        "tls.resumed",
+    }
+)
+
+
 @pytest.fixture(scope="session")
 def pki() -> PKI:
     ca = Authority("mTLS test CA")

@@ -41,6 +41,7 @@ def test_public_surface() -> None:
         "ClientIdentity",
         "MTLSInstrumentor",
         "MTLSMiddleware",
+        "MTLSWSGIMiddleware",
         "__version__",
         "client_identity",
     ]

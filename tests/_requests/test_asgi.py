@@ -15,12 +15,17 @@ import httpx
 import pytest
 from fastapi import Request  # at module level: FastAPI resolves the annotation here
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from conftest import PKI, Instrumented, handshake_spans
+from conftest import FULL_ONLY, LEAN, PKI, Instrumented, handshake_spans
 from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
+from opentelemetry.instrumentation.mtls._requests.asgi import resolution_of
 from pki import Leaf
 from servers import answer_json, hypercorn_server, uvicorn_server
 
@@ -91,7 +96,7 @@ def test_keep_alive_requests_share_one_handshake(
         assert attributes["tls.client.subject"] == "CN=web-client,O=mTLS tests"
         assert attributes["tls.client.spiffe_id"] == "spiffe://example.org/ns/default/sa/web"
         assert attributes["tls.client.identity.source"] == "handshake"
-        assert attributes["tls.protocol.version"] == "1.3"
+        assert "tls.protocol.version" not in attributes  # lean: it stays on the handshake
         assert [link.context.span_id for link in span.links] == [handshake.context.span_id]
 
 
@@ -113,10 +118,92 @@ def test_two_clients_are_never_mixed_up(
     by_target = {
         (s.attributes or {}).get("url.path", (s.attributes or {}).get("http.target")): (
             s.attributes or {}
-        )["tls.client.x509.subject.common_name"]
+        )["tls.client.subject"]
         for s in server_spans(exporter)
     }
-    assert by_target == {"/web-client": "web-client", "/other-client": "other-client"}
+    assert by_target == {
+        "/web-client": "CN=web-client,O=mTLS tests",
+        "/other-client": "CN=other-client,O=mTLS tests",
+    }
+
+
+@pytest.mark.parametrize("mode", ["lean", "full"])
+def test_request_attributes_are_lean_by_default_and_full_when_asked(
+    mode: str,
+    pki: PKI,
+    exporter: InMemorySpanExporter,
+    tracer_provider: TracerProvider,
+    instrumented: Instrumented,
+) -> None:
+    if mode == "full":
+        instrumented(request_attributes="full")
+    app = instrumented_app(tracer_provider, middleware=False)  # the zero-code path
+    with uvicorn_server(app, pki) as port, client(pki, pki.client) as http:
+        for i in range(2):
+            http.get(f"https://localhost:{port}/{i}")
+    (handshake,) = handshake_spans(exporter, "server")
+    shake = handshake.attributes or {}
+    for span in server_spans(exporter):
+        attributes = span.attributes or {}
+        ours = {name for name in attributes if name.startswith("tls.")}
+        expected = LEAN | FULL_ONLY if mode == "full" else LEAN
+        assert ours == expected
+        # The same values as the linked handshake span's, wherever it has them.
+        assert all(attributes[name] == shake[name] for name in ours & set(shake))
+        assert [link.context.span_id for link in span.links] == [handshake.context.span_id]
+
+
+async def probe_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answer with the request's identity and whether its span attributes were built."""
+    resolution = resolution_of(scope)
+    assert resolution is not None and resolution.connection is not None
+    body = json.dumps(
+        {
+            "subject": resolution.identity.subject if resolution.identity else None,
+            "built": "attributes" in resolution.connection.cache,
+        }
+    ).encode()
+    await answer_json(scope, receive, send, body)
+
+
+def decision_counts(reader: InMemoryMetricReader) -> dict[str, int]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        str(point.attributes["tls.client.identity.decision"]): int(point.value)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "tls.identity.decisions"
+        for point in metric.data.data_points  # type: ignore[attr-defined]
+    }
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_sampled_out_request_builds_no_attributes_but_keeps_its_identity_and_counts(
+    sampled: bool, pki: PKI, exporter: InMemorySpanExporter, instrumented: Instrumented
+) -> None:
+    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    instrumented(
+        tracer_provider=provider,
+        meter_provider=MeterProvider([reader]),
+        spiffe_trust_domains="example.org",
+        request_attributes="full",
+    )
+    app = OpenTelemetryMiddleware(
+        probe_app, tracer_provider=provider, exclude_spans=["receive", "send"]
+    )
+    with uvicorn_server(app, pki) as port, client(pki, pki.client) as http:
+        answers = [http.get(f"https://localhost:{port}/{i}").json() for i in range(3)]
+    # The identity is the request's whether its span records or not (the application,
+    # the policy and its counter read it); only a recording span's attributes are built.
+    assert answers == [{"subject": "CN=web-client,O=mTLS tests", "built": sampled}] * 3
+    assert decision_counts(reader) == {"allowed": 3}
+    spans = server_spans(exporter)
+    assert len(spans) == (3 if sampled else 0)
+    assert all((s.attributes or {})["tls.client.subject"] for s in spans)
 
 
 def raw_request(pki: PKI, port: int, cert: Leaf | None, client_port: int) -> dict[str, Any]:
@@ -156,13 +243,16 @@ def test_port_reuse_never_shows_the_previous_identity(
         None,
         "CN=second-client,O=mTLS tests",
     ]
-    names = [
-        (s.attributes or {}).get("tls.client.x509.subject.common_name")
-        for s in server_spans(exporter)
+    names = [(s.attributes or {}).get("tls.client.subject") for s in server_spans(exporter)]
+    assert names == [
+        "CN=web-client,O=mTLS tests",
+        "CN=second-client,O=mTLS tests",
+        None,
+        "CN=second-client,O=mTLS tests",
     ]
-    assert names == ["web-client", "second-client", None, "second-client"]
-    verify = [(s.attributes or {}).get("tls.client.verify.result") for s in server_spans(exporter)]
-    assert verify == ["success", "success", "none", "success"]
+    hashes = [(s.attributes or {}).get("tls.client.hash.sha256") for s in server_spans(exporter)]
+    assert [h is not None for h in hashes] == [True, True, False, True]
+    assert hashes[1] == hashes[3] != hashes[0]
 
 
 def test_http2_streams_share_one_handshake(

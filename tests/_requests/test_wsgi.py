@@ -22,14 +22,16 @@ from flask import Flask, request
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import make_server
 
-from conftest import PKI, Instrumented, handshake_spans
+from conftest import FULL_ONLY, LEAN, PKI, Instrumented, handshake_spans
 from opentelemetry.instrumentation.mtls import client_identity
-from opentelemetry.instrumentation.mtls._requests.wsgi import MTLSWSGIMiddleware
+from opentelemetry.instrumentation.mtls._requests.wsgi import MTLSWSGIMiddleware, resolution_of
 from pki import Leaf
 
 pytestmark = pytest.mark.usefixtures("instrumented")
@@ -143,11 +145,8 @@ def test_two_clients_are_never_mixed_up(
             for http, expected in [(first, "web-client") if i % 2 else (second, "other-client")]
         ]
     assert all(subject == f"CN={name},O=mTLS tests" for name, subject in seen)
-    names = sorted(
-        str((s.attributes or {})["tls.client.x509.subject.common_name"])
-        for s in server_spans(exporter)
-    )
-    assert names == ["other-client"] * 4 + ["web-client"] * 4
+    names = sorted(str((s.attributes or {})["tls.client.subject"]) for s in server_spans(exporter))
+    assert names == ["CN=other-client,O=mTLS tests"] * 4 + ["CN=web-client,O=mTLS tests"] * 4
 
 
 def test_no_certificate_on_cert_optional_and_a_foreign_ca(
@@ -160,8 +159,15 @@ def test_no_certificate_on_cert_optional_and_a_foreign_ca(
             http.get(f"https://localhost:{port}/whoami/2")
     (span,) = server_spans(exporter)
     attributes = span.attributes or {}
-    assert attributes["tls.client.verify.result"] == "none"
+    # Lean: with no certificate the source alone; the verify result is the handshake's.
+    assert attributes["tls.client.identity.source"] == "handshake"
+    assert "tls.client.verify.result" not in attributes
     assert "tls.client.subject" not in attributes
+    (link,) = span.links
+    (linked,) = [
+        s for s in handshake_spans(exporter, "server") if s.context.span_id == link.context.span_id
+    ]
+    assert (linked.attributes or {})["tls.client.verify.result"] == "none"
     errors = {(s.attributes or {}).get("error.type") for s in handshake_spans(exporter, "server")}
     assert errors == {"certificate_authority_invalid", None}
 
@@ -200,6 +206,65 @@ def test_the_sibling_alone_enriches_the_current_span_of_any_server(
     assert (span.attributes or {})["tls.client.subject"] == SUBJECT
 
 
+@pytest.mark.parametrize("mode", ["lean", "full"])
+def test_request_attributes_are_lean_by_default_and_full_when_asked(
+    mode: str,
+    instrumented: Instrumented,
+    pki: PKI,
+    exporter: InMemorySpanExporter,
+    tracer_provider: TracerProvider,
+) -> None:
+    if mode == "full":
+        instrumented(request_attributes="full")
+    app = OpenTelemetryMiddleware(identity_app, tracer_provider=tracer_provider)
+    with werkzeug_server(app, pki) as port, session(pki, pki.client) as http:
+        for i in range(2):
+            http.get(f"https://localhost:{port}/{i}")
+    # werkzeug's server speaks HTTP/1.0: a connection, and a handshake, per request.
+    handshakes = {s.context.span_id: s for s in handshake_spans(exporter, "server")}
+    spans = server_spans(exporter)
+    assert len(spans) == 2
+    for span in spans:
+        attributes = span.attributes or {}
+        ours = {name for name in attributes if name.startswith("tls.")}
+        assert ours == (LEAN | FULL_ONLY if mode == "full" else LEAN)
+        (link,) = span.links
+        shake = handshakes[link.context.span_id].attributes or {}
+        assert all(attributes[name] == shake[name] for name in ours & set(shake))
+
+
+def probe_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Answer with the request's identity and whether its span attributes were built."""
+    resolution = resolution_of(environ)
+    assert resolution.connection is not None
+    body = json.dumps(
+        {
+            "subject": resolution.identity.subject if resolution.identity else None,
+            "built": "attributes" in resolution.connection.cache,
+        }
+    ).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_sampled_out_request_builds_no_attributes_but_keeps_its_identity(
+    sampled: bool, instrumented: Instrumented, pki: PKI, exporter: InMemorySpanExporter
+) -> None:
+    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    instrumented(tracer_provider=provider, request_attributes="full")
+    app = OpenTelemetryMiddleware(probe_app, tracer_provider=provider)
+    with werkzeug_server(app, pki) as port, session(pki, pki.client) as http:
+        answers = [http.get(f"https://localhost:{port}/{i}").json() for i in range(3)]
+    assert answers == [{"subject": SUBJECT, "built": sampled}] * 3
+    spans = server_spans(exporter)
+    assert len(spans) == (3 if sampled else 0)
+    assert all((s.attributes or {})["tls.client.subject"] == SUBJECT for s in spans)
+
+
 @pytest.mark.parametrize("trusted", [True, False])
 def test_proxy_headers_are_judged_on_the_socket_peer_not_remote_addr(
     trusted: bool,
@@ -223,10 +288,10 @@ def test_proxy_headers_are_judged_on_the_socket_peer_not_remote_addr(
     attributes = span.attributes or {}
     if trusted:
         assert answer["source"] == "xfcc"
-        assert attributes["tls.client.x509.subject.common_name"] == "behind-the-proxy"
+        assert attributes["tls.client.subject"] == "CN=behind-the-proxy,O=mTLS tests"
     else:
         assert answer["source"] == "handshake"
-        assert attributes["tls.client.x509.subject.common_name"] == "web-client"
+        assert attributes["tls.client.subject"] == SUBJECT
         (event,) = [e for e in span.events if e.name == "tls.identity.decision"]
         assert (event.attributes or {})["tls.client.identity.rule"] == "untrusted_proxy_header"
 
@@ -314,7 +379,12 @@ def test_the_implicit_handshake_of_the_first_recv_is_recorded(
     bare = implicit_server(pki, cert(pki), mode)[:2]
     instrumented()
     server_saw, client_saw, sock = implicit_server(pki, cert(pki), mode)
-    assert (server_saw, client_saw) == bare  # the host sees exactly what it saw bare
+    assert server_saw == bare[0]  # the host sees exactly what it saw bare
+    # A rejected TLS 1.3 client reads the server's alert, or finds the connection reset
+    # if the server has already closed: a race of the two sides, bare or not.
+    assert client_saw.startswith("read") is bare[1].startswith("read")
+    if client_saw.startswith("read"):
+        assert client_saw == bare[1]
     (span,) = handshake_spans(exporter, "server")
     attributes = span.attributes or {}
     assert attributes.get("error.type") == error

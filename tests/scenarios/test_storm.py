@@ -281,7 +281,7 @@ def check_requests(
     for path, span in spans.items():
         attributes = span.attributes or {}
         assert attributes["tls.client.subject"] == f"CN={path.split('/')[1]},O=mTLS tests"
-        assert attributes["tls.client.verify.result"] == "success"
+        assert "tls.client.verify.result" not in attributes  # lean: the handshake's
         (link,) = span.links  # to its connection's handshake, a successful one
         assert link.context.span_id in established
 

@@ -87,10 +87,13 @@ def _resolve(scope: Scope) -> Resolution:
             # Repeated lines combine as HTTP combines them: a list, or a malformed value.
             headers[name] = headers[name] + b"," + value if name in headers else value
     connection = CURRENT.get()
+    server = scope.get("server")
+    if connection is None or server != connection.local:  # else it is the connection's own
+        server = socket_address(server)
     resolution = resolve(
         connection,
         headers,
-        socket_address(scope.get("server")),
+        server,
         _extension_leaf(scope) if connection is None else None,
         settings,
     )

@@ -2,7 +2,9 @@
 
 Shared by every server integration: each resolves a request once (:mod:`.identity`) and
 calls :func:`enrich` with the span. What is recorded follows the identity mode: in
-``hashed`` and ``omit`` modes no message or field names a plain identity.
+``hashed`` and ``omit`` modes no message or field names a plain identity. The span's
+attributes are lean by default (``OTEL_PYTHON_MTLS_REQUEST_ATTRIBUTES``) and built only for
+a span that records; the policy's decisions and revocation checks are counted either way.
 """
 
 from __future__ import annotations
@@ -42,15 +44,19 @@ def enrich(span: Span, resolution: Resolution, settings: RequestSettings) -> Non
         return
     resolution.enriched = True
     if span.is_recording():
-        if resolution.attributes:
-            span.set_attributes(resolution.attributes)
+        # Built here, for a span that records: a sampled-out request builds no attributes.
+        attributes = resolution.span_attributes()
+        if attributes:
+            span.set_attributes(attributes)
         if resolution.link is not None:
             span.add_link(resolution.link)
-    for report in resolution.reports:
-        record_decision(span, resolution, report, settings)
+    if resolution.reports:
+        for report in resolution.reports:
+            record_decision(span, resolution, report, settings)
     if resolution.decision is not None:
         record_decision(span, resolution, resolution.decision, settings)
-    revocation = resolution.revocation
+    connection = resolution.connection
+    revocation = connection.revocation if connection is not None else None
     if revocation is not None and revocation.done():
         record_revocation(span, resolution, settings)
 

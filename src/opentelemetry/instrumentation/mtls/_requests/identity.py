@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -32,6 +32,7 @@ from opentelemetry.instrumentation.mtls._requests.proxy_headers import (
 from opentelemetry.instrumentation.mtls._requests.rules import Decision, IdentityRules, decide
 from opentelemetry.instrumentation.mtls._signals.audit import AuditLog
 from opentelemetry.instrumentation.mtls._signals.handshake import (
+    CLIENT_PEER,
     certificate_attributes,
     info_attributes,
     record_certificate_attributes,
@@ -60,6 +61,18 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Attributes = dict[str, AttributeValue]
 Headers = Mapping[bytes, bytes]
 
+LEAN: Final = (
+    CLIENT_PEER.subject,
+    CLIENT_PEER.issuer,
+    CLIENT_PEER.hash_sha256,
+    CLIENT_PEER.spiffe_id,
+    TLS_CLIENT_X509_PARSE_ERROR,
+)
+"""The certificate attributes a request span carries by default (the parse error says why
+a certificate that could not be read has no subject); the rest stays on the handshake span."""
+_CACHE_LIMIT: Final = 1024
+"""Distinct certificates whose request attributes are kept (per settings)."""
+
 
 @dataclass(slots=True)
 class RequestSettings:
@@ -77,13 +90,24 @@ class RequestSettings:
     revocation_enforce: bool = False
     revocation_timeout: float = 2.0
     revocation_checks: Counter | None = None
+    full: bool = False
+    """``OTEL_PYTHON_MTLS_REQUEST_ATTRIBUTES=full``: request spans get every peer certificate
+    attribute and the session's version, cipher and resumption, not just the identity."""
 
+    attribute_cache: dict[Any, Mapping[str, AttributeValue]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+    """Request attributes of certificates that came without a connection of ours (a proxy's
+    header, a server's own TLS), built once per distinct certificate under these settings."""
     identity_header_names: frozenset[bytes] = field(init=False)
     """Every client-certificate header name of every format."""
     believed_header_names: tuple[bytes, ...] = field(init=False)
     """The header names of the one format believed from a trusted proxy."""
+    judged: bool = field(init=False)
+    """Whether an identity policy is configured (read on every request)."""
 
     def __post_init__(self) -> None:
+        self.judged = not self.rules.empty
         self.identity_header_names = frozenset(
             name for kind in FORMATS for name in header_names(kind, self.nginx_header)
         )
@@ -143,7 +167,7 @@ class Resolution:
     identity: ClientIdentity | None
     """The client's identity; None when it presented none (or none can be believed)."""
     attributes: Mapping[str, AttributeValue]
-    """What the request's server span gets."""
+    """What the request's server span gets (see :meth:`span_attributes`)."""
     link: SpanContext | None = None
     """The connection's handshake span."""
     decision: Decision | None = None
@@ -156,6 +180,17 @@ class Resolution:
     """SHA-256 of the issuing CA of a proxy-forwarded identity, when its chain came along."""
     enriched: bool = False
     """Whether a server span already carries this resolution."""
+    build: Callable[[], Mapping[str, AttributeValue]] | None = None
+    """Builds :attr:`attributes` when a recording span first needs them: a request whose
+    span is sampled out builds none."""
+
+    def span_attributes(self) -> Mapping[str, AttributeValue]:
+        """Return what the request's server span gets, building it on the first call."""
+        build = self.build
+        if build is not None:
+            self.build = None
+            self.attributes = build()
+        return self.attributes
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Resolution:
         # Middlewares deep-copy scopes (hypercorn's ProxyFixMiddleware does): the copy is
@@ -193,6 +228,12 @@ def resolve(
     """
     if connection is not None and server is not None and server != connection.local:
         connection = None
+    if not headers and connection is not None and connection.record is not None:
+        # The steady state, a request on a known TLS connection: the shortest way.
+        handshake = _from_handshake(connection, settings)
+        if settings.judged:
+            handshake.decision = _decide(handshake, settings)
+        return handshake
     resolution: Resolution | None = None
     reports: tuple[Decision, ...] = ()
     if headers:
@@ -212,7 +253,7 @@ def resolve(
             resolution = Resolution(connection, None, {})
     resolution.reports = reports
     resolution.unverifiable = connection is None and (bool(headers) or extension_leaf is not None)
-    if not settings.rules.empty:
+    if settings.judged:
         resolution.decision = _decide(resolution, settings)
     return resolution
 
@@ -233,16 +274,16 @@ def resolve_verified(
     if session is None:
         resolution = Resolution(None, None, {})
     elif leaf is None:
-        attributes: Attributes = {
-            **session,
-            TLS_CLIENT_IDENTITY_SOURCE: source,
-            TLS_CLIENT_VERIFY_RESULT: VERIFY_RESULT_NONE,
-        }
+        attributes: Attributes = {TLS_CLIENT_IDENTITY_SOURCE: source}
+        if settings.full:
+            attributes.update(session)
+            attributes[TLS_CLIENT_VERIFY_RESULT] = VERIFY_RESULT_NONE
         resolution = Resolution(None, None, attributes)
     else:
         resolution = _from_verified(leaf, source, settings)
-        resolution.attributes = {**session, **resolution.attributes}
-    if not settings.rules.empty:
+        if settings.full and session:
+            resolution.attributes = {**session, **resolution.attributes}
+    if settings.judged:
         resolution.decision = _decide(resolution, settings)
     return resolution
 
@@ -275,40 +316,77 @@ def _untrusted(
 
 def _from_handshake(connection: Connection, settings: RequestSettings) -> Resolution:
     """Resolve the identity the client proved in the connection's own handshake."""
-    record = connection.record
-    assert record is not None
     cache = connection.cache
-    attributes = cache.get("attributes")
-    if attributes is None:
-        attributes = cache["attributes"] = _handshake_attributes(connection, settings.redaction)
-    identity = cache.get("identity", False)
-    if identity is False:
+    known = cache.get("handshake")
+    if known is None:
+        record = connection.record
+        assert record is not None
         identity = None
         if record.peer_der is not None and record.peer_certificate is not None:
             identity = ClientIdentity(
                 record.peer_certificate, der_to_pem(record.peer_der), SOURCE_HANDSHAKE
             )
-        cache["identity"] = identity
-    link = record.span_context
-    if link is not None and not link.is_valid:
-        link = None
-    return Resolution(connection, identity, attributes, link)
+        link = record.span_context
+        if link is not None and not link.is_valid:
+            link = None
+        known = cache["handshake"] = (identity, link)
+    cached = cache.get("attributes")
+    if cached is not None and cached[0] is settings:
+        return Resolution(connection, known[0], cached[1], known[1])
+    # Built when a recording span first asks (:meth:`Resolution.span_attributes`).
+    build = functools.partial(_connection_attributes, connection, settings)
+    return Resolution(connection, known[0], {}, known[1], build=build)
 
 
-def _handshake_attributes(connection: Connection, redaction: Redaction) -> Attributes:
+def _connection_attributes(
+    connection: Connection, settings: RequestSettings
+) -> Mapping[str, AttributeValue]:
+    """Return the request attributes of a connection's handshake: once per connection."""
+    cached = connection.cache.get("attributes")
+    if cached is None or cached[0] is not settings:
+        cached = connection.cache["attributes"] = (
+            settings,
+            _handshake_attributes(connection, settings),
+        )
+    attributes: Mapping[str, AttributeValue] = cached[1]
+    return attributes
+
+
+def _handshake_attributes(connection: Connection, settings: RequestSettings) -> Attributes:
+    """Lean: the client certificate's identity and the source. Full: all the handshake's."""
     record = connection.record
     assert record is not None
-    attributes: Attributes = {
-        TLS_CLIENT_IDENTITY_SOURCE: SOURCE_HANDSHAKE,
-        tls.TLS_RESUMED: record.resumed,
-        TLS_CLIENT_VERIFY_RESULT: record.verify_result or VERIFY_RESULT_NONE,
-    }
-    if record.protocol_version is not None:
-        attributes[tls.TLS_PROTOCOL_VERSION] = record.protocol_version
-    if record.cipher is not None:
-        attributes[tls.TLS_CIPHER] = record.cipher
+    attributes: Attributes = {TLS_CLIENT_IDENTITY_SOURCE: SOURCE_HANDSHAKE}
+    if settings.full:
+        attributes[tls.TLS_RESUMED] = record.resumed
+        attributes[TLS_CLIENT_VERIFY_RESULT] = record.verify_result or VERIFY_RESULT_NONE
+        if record.protocol_version is not None:
+            attributes[tls.TLS_PROTOCOL_VERSION] = record.protocol_version
+        if record.cipher is not None:
+            attributes[tls.TLS_CIPHER] = record.cipher
     if record.peer_der is not None:
-        attributes.update(record_certificate_attributes(record, redaction, peer_is_client=True))
+        certificate = record_certificate_attributes(record, settings.redaction, peer_is_client=True)
+        attributes.update(_chosen(certificate, settings.full))
+    return attributes
+
+
+def _chosen(certificate: Mapping[str, AttributeValue], full: bool) -> Mapping[str, AttributeValue]:
+    """Return the certificate attributes a request span carries: :data:`LEAN`, or all."""
+    if full:
+        return certificate
+    return {name: certificate[name] for name in LEAN if name in certificate}
+
+
+def _cached(
+    settings: RequestSettings, key: Any, build: Callable[[], Mapping[str, AttributeValue]]
+) -> Mapping[str, AttributeValue]:
+    """Return the request attributes of one certificate, built once per distinct one."""
+    cache = settings.attribute_cache
+    attributes = cache.get(key)
+    if attributes is None:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()  # a flood of distinct certificates: start again, bounded
+        attributes = cache[key] = build()
     return attributes
 
 
@@ -327,10 +405,12 @@ def _from_proxy(
             {TLS_CLIENT_IDENTITY_SOURCE: source, TLS_CLIENT_X509_PARSE_ERROR: error},
         )
     pem = der_to_pem(proxied.leaf_der) if proxied.leaf_der is not None else None
-    attributes: Attributes = {
-        **info_attributes(certificate, True, settings.redaction),
-        TLS_CLIENT_IDENTITY_SOURCE: source,
-    }
+
+    def build() -> Mapping[str, AttributeValue]:
+        info = info_attributes(certificate, True, settings.redaction)
+        return {**_chosen(info, settings.full), TLS_CLIENT_IDENTITY_SOURCE: source}
+
+    attributes = _cached(settings, (source, certificate), build)
     resolution = Resolution(connection, ClientIdentity(certificate, pem, source), attributes)
     if proxied.chain_der:
         resolution.issuer_sha256 = sha256_hex(proxied.chain_der[0])
@@ -340,11 +420,18 @@ def _from_proxy(
 def _from_verified(leaf: bytes, source: str, settings: RequestSettings) -> Resolution:
     """Resolve the identity of a certificate the server verified itself (``source`` says how)."""
     certificate = parse_certificate(leaf)
-    attributes: Attributes = {
-        **certificate_attributes(leaf, True, settings.redaction),
-        TLS_CLIENT_IDENTITY_SOURCE: source,
-        TLS_CLIENT_VERIFY_RESULT: VERIFY_RESULT_SUCCESS,
-    }
+
+    def build() -> Mapping[str, AttributeValue]:
+        info = certificate_attributes(leaf, True, settings.redaction)
+        attributes: Attributes = {
+            **_chosen(info, settings.full),
+            TLS_CLIENT_IDENTITY_SOURCE: source,
+        }
+        if settings.full:
+            attributes[TLS_CLIENT_VERIFY_RESULT] = VERIFY_RESULT_SUCCESS
+        return attributes
+
+    attributes = _cached(settings, (source, leaf), build)
     identity = ClientIdentity(certificate, der_to_pem(leaf), source)
     return Resolution(None, identity, attributes)
 

@@ -93,7 +93,7 @@ def connection_of(environ: Environ) -> Connection | None:
     describe = _describe
     if describe is None:
         return None
-    sock = next((environ[key] for key in SOCKET_KEYS if key in environ), None)
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")  # SOCKET_KEYS
     if not isinstance(sock, socket.socket):
         return None
     # SSLSockets have a __dict__ (plain sockets have slots): one Connection per connection,
