@@ -84,6 +84,9 @@ def aiohttp_server(ssl_context: ssl.SSLContext | None, *middlewares: Middleware)
         yield port
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        # Connections the clients closed last may still be closing their transports:
+        # let them finish on the loop, or they are collected unclosed (ResourceWarning).
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.1), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
@@ -146,6 +149,9 @@ def test_aiohttp_client_and_websocket(pki: PKI, exporter: InMemorySpanExporter) 
                     answers.append(await response.json())
             async with session.ws_connect(f"wss://localhost:{port}/ws") as ws:
                 message = json.loads(await ws.receive_str())
+        # aiohttp closes a session's TLS transports on later loop iterations: give them
+        # those before asyncio.run closes the loop (aiohttp's "graceful shutdown" advice).
+        await asyncio.sleep(0.25)
         return answers, message
 
     with aiohttp_server(pki.server_context()) as port:
