@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NoOpTracerProvider
 
 from conftest import PKI, Instrumented, handshake_spans, kept_records
 from opentelemetry.instrumentation.mtls import _diagnostics, _failsafe
-from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME
+from opentelemetry.instrumentation.mtls._signals.audit import AUDIT_LOGGER_NAME, consumed
 from opentelemetry.instrumentation.mtls._ssl import messages
 from opentelemetry.instrumentation.mtls._x509 import parse_certificate
 from tlsrun import TIMEOUT, blocking
@@ -483,3 +484,61 @@ def test_nothing_is_kept_per_connection_after_failed_attempts(
     memory = server_ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
     messages.watch(memory)
     assert messages.take(memory) is not None
+
+
+# -- connections nothing would observe for --------------------------------------------
+
+
+@contextlib.contextmanager
+def audit_handlers(*handlers: logging.Handler) -> Any:
+    """The security-event logger with only ``handlers`` (and ours), cut off from the root's.
+
+    pytest puts its own capture handler on the root logger; a service without logging
+    configured has none.
+    """
+    logger = logging.getLogger(AUDIT_LOGGER_NAME)
+    logger.propagate = False
+    for handler in handlers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def server_hello_seen(pki: PKI) -> bool:
+    """Whether the observer kept a new server connection's ClientHello as it was read."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = pki.client_context(pki.client).wrap_bio(c_in, c_out, server_hostname="localhost")
+    server = pki.server_context().wrap_bio(s_in, s_out, server_side=True)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    s_in.write(c_out.read())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        server.do_handshake()  # reads the ClientHello: the observer, if on, keeps it
+    state = server.__dict__.get("_otel_mtls_messages")
+    return isinstance(state, messages.Observed) and state.hello is not None
+
+
+def test_with_the_api_alone_only_a_consumed_record_is_worth_observing(
+    pki: PKI, instrumented: Instrumented
+) -> None:
+    instrumented(tracer_provider=NoOpTracerProvider())
+    with audit_handlers():
+        assert not consumed()
+        assert not server_hello_seen(pki)  # nothing records it: OpenSSL never calls us
+    records: list[logging.LogRecord] = []
+    keep = logging.Handler()
+    keep.emit = records.append  # type: ignore[method-assign]
+    with audit_handlers(keep):
+        assert consumed()
+        assert server_hello_seen(pki)  # the control: a failure's record would use it
+        blocking(pki.server_context(), pki.client_context(pki.untrusted_client))
+    (record,) = [r for r in records if getattr(r, "event.name") == "tls.handshake.failed"]
+    assert getattr(record, "tls.client.ja4").startswith("t13")
+    # With an SDK provider the spans record it, whatever the logging.
+    instrumented(tracer_provider=TracerProvider())
+    with audit_handlers():
+        assert server_hello_seen(pki)

@@ -42,7 +42,27 @@ audit_logger = logging.getLogger(AUDIT_LOGGER_NAME)
 # A library's loggers stay silent until the application configures logging (or the
 # OpenTelemetry logging bridge): without this, Python's last-resort handler would print
 # every failed handshake to stderr.
-audit_logger.addHandler(logging.NullHandler())
+_SILENT: Final = logging.NullHandler()
+audit_logger.addHandler(_SILENT)
+
+
+def consumed() -> bool:
+    """Whether a failed handshake's record would reach a handler, ours excepted.
+
+    With the API alone nothing else records a handshake, so the ssl hooks ask this (once
+    per new connection) before they observe its handshake messages for such a record.
+    """
+    if not audit_logger.isEnabledFor(logging.WARNING):
+        return False
+    logger: logging.Logger | None = audit_logger
+    while logger is not None:
+        if any(handler is not _SILENT for handler in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
+
 
 # Keys remembered by the rate limiter; past this the least recently seen are dropped,
 # so a flood from many addresses cannot grow memory.

@@ -52,7 +52,7 @@ from opentelemetry.instrumentation.mtls._ssl.client_hello import (
     ja4,
     offered_versions,
 )
-from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord
+from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, read_client_hello
 from opentelemetry.instrumentation.mtls._ssl.validation import GAPS
 from opentelemetry.instrumentation.mtls._ssl.values import CIPHER_SUITES
 from opentelemetry.instrumentation.mtls._x509 import (
@@ -197,6 +197,7 @@ def handshake_attributes(
 ) -> Attributes:
     """Return every attribute of a handshake span for one record."""
     peer = CLIENT_PEER if record.server_side else SERVER_PEER
+    hello = read_client_hello(record)  # before the session fields: it names the server
     attrs: Attributes = {
         tls.TLS_PROTOCOL_NAME: "tls",
         tls.TLS_ESTABLISHED: record.error is None,
@@ -234,8 +235,8 @@ def handshake_attributes(
         attrs[names.TLS_SERVER_HOSTNAME_VERIFIED] = record.hostname_verified
     if record.validation_gaps:
         attrs[names.TLS_VALIDATION_GAPS] = record.validation_gaps
-    if record.client_hello is not None:
-        _offer_attributes(record, record.client_hello, config, attrs)
+    if hello is not None:
+        _offer_attributes(record, hello, config, attrs)
     if record.alert is not None:
         attrs[names.TLS_ALERT] = record.alert
         attrs[names.TLS_ALERT_SOURCE] = record.alert_source or names.TLS_ALERT_SOURCE_PEER
@@ -320,6 +321,7 @@ class HandshakeTelemetry:
         self.instruments = Instruments(meter, self.expiry)
         self.active = self.instruments.active
         self._metric_attributes: dict[tuple[object, ...], Attributes] = {}
+        self._start_attributes: dict[tuple[object, ...], Attributes] = {}
         self._gap_attributes: dict[tuple[str, str], Attributes] = {
             (gap, side): {names.TLS_VALIDATION_GAP: gap, names.TLS_SIDE: side}
             for gap in GAPS
@@ -357,10 +359,12 @@ class HandshakeTelemetry:
             histogram = self.instruments.client_duration
         span: Span
         if record.server_side or self._config.client_handshake_spans:
+            # The sampler sees the outcome; the rest is built only if the span records.
             span = self._tracer.start_span(
                 name,
                 context=parent,
                 kind=SpanKind.INTERNAL,
+                attributes=dict(self._sampler_attributes(record)),
                 start_time=record.start_ns,
                 record_exception=False,
                 set_status_on_exception=False,
@@ -394,6 +398,24 @@ class HandshakeTelemetry:
             self._validation_gaps(record, span, attributes)
         span.end(end_time=record.end_ns)
         return span_context
+
+    def _sampler_attributes(self, record: HandshakeRecord) -> Attributes:
+        """Return what a rule-based sampler needs of a handshake, made once per outcome.
+
+        The span starts when the attempt has ended, so its outcome is known: a sampler
+        can keep every failure (``tls.established``, ``error.type``) and drop successes.
+        The caller copies it, for a sampler may keep or change what it is given.
+        """
+        established = record.error is None
+        key = (record.protocol_version, record.resumed, record.error_type, established)
+        attributes = self._start_attributes.get(key)
+        if attributes is None:
+            attributes = {
+                tls.TLS_ESTABLISHED: established,
+                **self._duration_attributes(record),
+            }
+            self._start_attributes[key] = attributes
+        return attributes
 
     def _duration_attributes(self, record: HandshakeRecord) -> Attributes:
         key = (record.protocol_version, record.resumed, record.error_type)

@@ -38,6 +38,7 @@ from opentelemetry.instrumentation.utils import _SUPPRESS_INSTRUMENTATION_KEY_PL
 
 from opentelemetry.instrumentation.mtls import _failsafe, _forks
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
+from opentelemetry.instrumentation.mtls._signals import audit as _audit
 from opentelemetry.instrumentation.mtls._signals.handshake import HandshakeTelemetry
 from opentelemetry.instrumentation.mtls._ssl import implicit as _implicit
 from opentelemetry.instrumentation.mtls._ssl import messages as _messages
@@ -101,7 +102,7 @@ class SSLHooks:
         self._expiry_warning_s = expiry_warning_s
         self._installed = False
         self._patches = Patches()
-        self._messages = _messages.HandshakeMessages()
+        self._messages = _messages.HandshakeMessages(wanted=self._observing)
         # Attempts abandoned inside a finalizer: emitted later, outside the garbage
         # collector, where taking the SDK's locks cannot deadlock.
         self._orphans: deque[HandshakeRecord] = deque(maxlen=_MAX_ORPHANS)
@@ -113,6 +114,14 @@ class SSLHooks:
 
     def _forked(self) -> None:
         self._orphans.clear()  # the parent's attempts: the parent emits them
+
+    def _observing(self) -> bool:
+        """Whether a new connection's handshake messages are worth observing.
+
+        They go into its span, metrics and records; with the API alone only a failure's
+        record is left, and only if a handler takes it. Asked once per connection.
+        """
+        return self._telemetry.recording() or _audit.consumed()
 
     # -- install / uninstall -------------------------------------------------------
 
@@ -286,6 +295,7 @@ class SSLHooks:
                 expiry_warning_s=self._expiry_warning_s,
             )
             attempt.span_context = self._telemetry.emit(attempt)
+            attempt.hello_message = None  # emitted: not kept for the connection's life
             # For the requests of this connection (see connection_record).
             endpoint.__dict__[_RECORD] = attempt
             if not attempt.server_side:

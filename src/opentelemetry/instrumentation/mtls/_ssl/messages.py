@@ -25,7 +25,10 @@ the ``SSLSocket`` or ``SSLObject``, ``direction`` ``"read"`` or ``"write"``
   in TLS 1.3, its inner content type). :func:`detach` takes an established connection
   off the callback altogether; until then, those records return at the first test.
 
-Where the slot is missing (:data:`AVAILABLE`), nothing is installed.
+Where the slot is missing (:data:`AVAILABLE`), nothing is installed. A connection made
+while nothing would use what its messages show (the API alone, and no handler for the
+security-event records) is made without the callback: about 70 calls from OpenSSL into
+Python per handshake (both sides) that would keep nothing.
 """
 
 from __future__ import annotations
@@ -174,8 +177,10 @@ def _chained_observer(host: Callback) -> Callback:
 class HandshakeMessages:
     """Put the observer on every SSL context before its connections are made; take it off."""
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: Callable[[], bool] = lambda: True) -> None:
         self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+        self._wanted = wanted
+        """Asked at each new connection: whether anything would use what it shows."""
 
     def install(self, patches: Patches) -> None:
         """Observe the contexts of the connections made from now on; nothing if unavailable."""
@@ -197,9 +202,16 @@ class HandshakeMessages:
 
     def _wrap(self, original: Method) -> Method:
         """Make the replacement of ``_SSLContext._wrap_socket`` or ``_wrap_bio``."""
-        get, observe = _SLOT.__get__, self._observe
+        get, observe, wanted = _SLOT.__get__, self._observe, self._wanted
 
         def wrap(context: ssl.SSLContext, *args: Any, **kwargs: Any) -> Any:
+            if not wanted():
+                tls = original(context, *args, **kwargs)
+                try:
+                    _detach(tls)  # made with the context's callback, if ours: taken off
+                except Exception as exc:
+                    _failsafe.report("observing a TLS connection", exc)
+                return tls
             if getattr(get(context), _OWNER, None) is not self:
                 observe(context)
             tls = original(context, *args, **kwargs)
@@ -256,8 +268,12 @@ def detach(endpoint: Any) -> None:
     thread, runs while the slot is empty. With a host callback, nothing changes.
     """
     tls = endpoint._sslobj
-    if tls is None:
-        return
+    if tls is not None:
+        _detach(tls)
+
+
+def _detach(tls: Any) -> None:
+    """Take one C-level connection (``_ssl._SSLSocket``) off our callback; see detach()."""
     context = tls.context
     observer = _SLOT.__get__(context)
     if getattr(observer, _OWNER, None) is None or observer.host is not None:

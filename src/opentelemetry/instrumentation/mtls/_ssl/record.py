@@ -80,7 +80,9 @@ class HandshakeRecord:
     span_context: SpanContext | None = None
     """The handshake span's context, for request spans to link to (kept by the hooks)."""
     client_hello: ClientHello | None = None
-    """Server side: what the client's ClientHello offered."""
+    """Server side: what the client's ClientHello offered (see :func:`read_client_hello`)."""
+    hello_message: bytes | None = None
+    """Server side: the ClientHello as read, until :func:`read_client_hello` parses it."""
     presented_der: bytes | None = None
     """The leaf the peer presented in its Certificate message, on failures (unverified)."""
     alert: str | None = None
@@ -99,16 +101,30 @@ def fill_observed(record: HandshakeRecord, observed: Observed | None) -> None:
     """Take in what the handshake messages showed: the ClientHello, the peer's leaf, alerts."""
     if observed is None:
         return
-    if record.server_side and observed.hello is not None:
-        hello = record.client_hello = parse_client_hello(observed.hello)
-        if hello is not None and hello.server_name is not None:
-            record.server_name = hello.server_name
+    if record.server_side:
+        # Parsed only for what needs it (a recording span, a log record): not on the
+        # handshake path of a span that is sampled out or of metrics alone.
+        record.hello_message = observed.hello
     record.presented_der = observed.leaf
     if observed.alert is not None:
         record.alert = _errors.alert_name(observed.alert)
         sent = observed.alert_sent
         record.alert_source = TLS_ALERT_SOURCE_LOCAL if sent else TLS_ALERT_SOURCE_PEER
     record.sent_no_certificate = observed.sent_no_certificate
+
+
+def read_client_hello(record: HandshakeRecord) -> ClientHello | None:
+    """Return what a server's peer offered, parsing its ClientHello on the first call.
+
+    The parse also gives the record the server name the client sent (SNI).
+    """
+    message = record.hello_message
+    if message is not None:
+        record.hello_message = None
+        hello = record.client_hello = parse_client_hello(message)
+        if hello is not None and hello.server_name is not None:
+            record.server_name = hello.server_name
+    return record.client_hello
 
 
 def fill_success(
