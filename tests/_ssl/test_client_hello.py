@@ -31,12 +31,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conftest import PKI, Instrumented, handshake_spans
 from opentelemetry.instrumentation.mtls._ssl.client_hello import (
     ClientHello,
-    certificate_leaf,
     ja3,
     ja4,
     offered_versions,
     parse_client_hello,
 )
+from opentelemetry.instrumentation.mtls._ssl.handshake_messages import certificate_leaf
 from tlsrun import blocking
 
 TIMEOUT = 10.0

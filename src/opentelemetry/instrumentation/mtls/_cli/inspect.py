@@ -20,7 +20,6 @@ for, what was verified, and whether the server accepted us:
 
 from __future__ import annotations
 
-import _ssl
 import argparse
 import contextlib
 import ipaddress
@@ -39,6 +38,7 @@ from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from opentelemetry.instrumentation.mtls._signals.handshake import CLIENT_SPAN_NAME
 from opentelemetry.instrumentation.mtls._ssl import errors as _errors
 from opentelemetry.instrumentation.mtls._ssl import handshake_messages as _messages
+from opentelemetry.instrumentation.mtls._ssl.messages import ALERT, HANDSHAKE, SLOT
 from opentelemetry.instrumentation.mtls._x509 import (
     CertificateInfo,
     first_pem_certificate,
@@ -78,10 +78,7 @@ FAILED: Final = 1
 USAGE: Final = 2
 
 _TLS13: Final = 0x0304
-_HANDSHAKE: Final = 22
-_ALERT: Final = 21
 _WRITE: Final = "write"
-_SLOT: Final[Any] = vars(_ssl._SSLContext).get("_msg_callback")
 
 
 class UsageError(Exception):
@@ -119,8 +116,8 @@ class HandshakeMessages:
 
     def attach(self, context: ssl.SSLContext) -> None:
         """Observe the connections made from ``context`` (nothing if this Python cannot)."""
-        if _SLOT is not None:
-            _SLOT.__set__(context, self)
+        if SLOT is not None:
+            SLOT.__set__(context, self)
 
     # CPython's positional signature (Modules/_ssl/debughelpers.c).
     def __call__(  # noqa: PLR0917
@@ -133,9 +130,9 @@ class HandshakeMessages:
 
     def _note(self, direction: str, version: int, content_type: int, data: bytes) -> None:
         tls13 = version == _TLS13
-        if content_type == _ALERT and len(data) == 2 and data[0] == 2 and self.alert is None:
+        if content_type == ALERT and len(data) == 2 and data[0] == 2 and self.alert is None:
             self.alert, self.alert_sent = _errors.alert_name(data[1]), direction == _WRITE
-        if content_type != _HANDSHAKE or not data:
+        if content_type != HANDSHAKE or not data:
             return
         if direction == _WRITE:
             if data[0] == _messages.CERTIFICATE:
@@ -300,7 +297,7 @@ def _await_verdict(tls: ssl.SSLSocket, outcome: Outcome, wait: float) -> None:
 
 def _observer(tls: ssl.SSLSocket) -> HandshakeMessages | None:
     """Find our message callback behind ``tls``, possibly behind the instrumentation's."""
-    callback = _SLOT.__get__(tls.context) if _SLOT is not None else None
+    callback = SLOT.__get__(tls.context) if SLOT is not None else None
     while callback is not None and not isinstance(callback, HandshakeMessages):
         callback = getattr(callback, "host", None)
     return callback

@@ -19,9 +19,10 @@ from struct import error as StructError
 from struct import unpack_from
 from typing import Final, NamedTuple
 
+from opentelemetry.instrumentation.mtls._ssl.handshake_messages import Malformed, vector
+
 __all__ = [
     "ClientHello",
-    "certificate_leaf",
     "is_grease",
     "ja3",
     "ja4",
@@ -31,8 +32,6 @@ __all__ = [
 
 CLIENT_HELLO: Final = 1
 """Handshake message type of a ClientHello."""
-CERTIFICATE: Final = 11
-"""Handshake message type of a Certificate."""
 
 _SERVER_NAME: Final = 0x0000
 _SUPPORTED_GROUPS: Final = 0x000A
@@ -69,10 +68,6 @@ _NO_HASH: Final = "000000000000"
 _FORMATS16: Final = tuple(f">{count}H" for count in range(64))
 
 
-class _Malformed(ValueError):
-    """A length or a field that does not fit in the message."""
-
-
 def is_grease(value: int) -> bool:
     """Whether a 16-bit value is a GREASE value (RFC 8701: 0x0A0A, 0x1A1A, ... 0xFAFA)."""
     return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
@@ -103,33 +98,16 @@ class ClientHello(NamedTuple):
 def _numbers16(data: bytes, start: int, end: int) -> tuple[int, ...]:
     """Return the 16-bit numbers of ``data[start:end]``."""
     if (end - start) % 2 or end > len(data):
-        raise _Malformed
+        raise Malformed
     count = (end - start) >> 1
     return unpack_from(_FORMATS16[count] if count < 64 else f">{count}H", data, start)
 
 
-def _vector(data: bytes, start: int, end: int, length_size: int) -> tuple[int, int]:
-    """Return where a length-prefixed vector at ``start`` holds its bytes: (begin, stop)."""
-    begin = start + length_size
-    if begin > end:
-        raise _Malformed
-    if length_size == 2:
-        length = (data[start] << 8) | data[start + 1]
-    elif length_size == 1:
-        length = data[start]
-    else:
-        length = int.from_bytes(data[start:begin], "big")
-    stop = begin + length
-    if stop > end:
-        raise _Malformed
-    return begin, stop
-
-
 def _server_name(data: bytes, start: int, end: int) -> str | None:
-    position, stop = _vector(data, start, end, 2)
+    position, stop = vector(data, start, end, 2)
     while position < stop:
         kind = data[position]
-        begin, position = _vector(data, position + 1, stop, 2)
+        begin, position = vector(data, position + 1, stop, 2)
         if kind == _HOST_NAME:
             name = data[begin:position]
             if not (0 < len(name) <= _MAX_HOST_NAME and name.isascii()):
@@ -140,10 +118,10 @@ def _server_name(data: bytes, start: int, end: int) -> str | None:
 
 
 def _protocols(data: bytes, start: int, end: int) -> tuple[bytes, ...]:
-    position, stop = _vector(data, start, end, 2)
+    position, stop = vector(data, start, end, 2)
     found: list[bytes] = []
     while position < stop:
-        begin, position = _vector(data, position, stop, 1)
+        begin, position = vector(data, position, stop, 1)
         found.append(data[begin:position])
     return tuple(found)
 
@@ -151,7 +129,7 @@ def _protocols(data: bytes, start: int, end: int) -> tuple[bytes, ...]:
 def _list16(data: bytes, where: tuple[int, int] | None, length_size: int) -> tuple[int, ...]:
     if where is None:
         return ()
-    begin, stop = _vector(data, where[0], where[1], length_size)
+    begin, stop = vector(data, where[0], where[1], length_size)
     return _numbers16(data, begin, stop)
 
 
@@ -159,33 +137,33 @@ def parse_client_hello(message: bytes) -> ClientHello | None:
     """Parse a ClientHello handshake message (its 4-byte header included); None if malformed."""
     try:
         return _parse(message)
-    except (ValueError, StructError):  # _Malformed, and anything int, bytes or struct refuse
+    except (ValueError, StructError):  # Malformed, and anything int, bytes or struct refuse
         return None
 
 
 def _parse(data: bytes) -> ClientHello:
     # Offsets into the one bytes object, no copies: this runs on every server handshake.
     if len(data) < 4 or data[0] != CLIENT_HELLO:
-        raise _Malformed
-    position, end = _vector(data, 1, len(data), 3)
+        raise Malformed
+    position, end = vector(data, 1, len(data), 3)
     legacy_version = int.from_bytes(data[position : position + 2], "big")
     position += 2 + 32  # version, random
-    _, position = _vector(data, position, end, 1)  # legacy_session_id
-    begin, position = _vector(data, position, end, 2)
+    _, position = vector(data, position, end, 1)  # legacy_session_id
+    begin, position = vector(data, position, end, 2)
     cipher_suites = _numbers16(data, begin, position)
-    _, position = _vector(data, position, end, 1)  # legacy_compression_methods
+    _, position = vector(data, position, end, 1)  # legacy_compression_methods
     extensions: list[int] = []
     values: dict[int, tuple[int, int]] = {}
     if position < end:  # a hello before TLS 1.2 may have no extensions at all
-        position, stop = _vector(data, position, end, 2)
+        position, stop = vector(data, position, end, 2)
         while position < stop:
             begin = position + 4
             if begin > stop:
-                raise _Malformed
+                raise Malformed
             kind = (data[position] << 8) | data[position + 1]
             position = begin + ((data[position + 2] << 8) | data[position + 3])
             if position > stop:
-                raise _Malformed
+                raise Malformed
             extensions.append(kind)
             if kind not in values:
                 values[kind] = (begin, position)
@@ -201,7 +179,7 @@ def _parse(data: bytes) -> ClientHello:
         supported_versions=_list16(data, values.get(_SUPPORTED_VERSIONS), 1),
         signature_algorithms=_list16(data, values.get(_SIGNATURE_ALGORITHMS), 2),
         supported_groups=_list16(data, values.get(_SUPPORTED_GROUPS), 2),
-        ec_point_formats=tuple(data[slice(*_vector(data, *formats, 1))]) if formats else (),
+        ec_point_formats=tuple(data[slice(*vector(data, *formats, 1))]) if formats else (),
     )
 
 
@@ -277,24 +255,3 @@ def ja3(hello: ClientHello) -> str:
     )
     # JA3 is defined with MD5; it names a client, it protects nothing.
     return hashlib.md5(",".join(fields).encode("ascii"), usedforsecurity=False).hexdigest()
-
-
-def certificate_leaf(message: bytes, *, tls13: bool) -> bytes | None:
-    """Return the DER of the first certificate of a Certificate message; None if it has none.
-
-    TLS 1.3 (RFC 8446 4.4.2) prefixes the list with a request context and follows each
-    entry with its extensions; TLS 1.2 (RFC 5246 7.4.2) is the bare list.
-    """
-    try:
-        if len(message) < 4 or message[0] != CERTIFICATE:
-            return None
-        position, end = _vector(message, 1, len(message), 3)
-        if tls13:
-            _, position = _vector(message, position, end, 1)  # certificate_request_context
-        position, stop = _vector(message, position, end, 3)
-        if position == stop:
-            return None  # an empty list: no certificate presented
-        begin, position = _vector(message, position, stop, 3)
-        return message[begin:position] or None
-    except ValueError:
-        return None

@@ -22,46 +22,69 @@ _CERTIFICATE_AUTHORITIES: Final = 47
 """The TLS 1.3 ``certificate_authorities`` extension (RFC 8446 4.2.4)."""
 
 
-class _Malformed(ValueError):
+class Malformed(ValueError):
     """A length that runs past its enclosing vector."""
 
 
-def _vector(data: bytes, start: int, end: int, length_size: int) -> tuple[int, int]:
-    """Return where the length-prefixed vector at ``start`` holds its bytes: (begin, stop)."""
+def vector(data: bytes, start: int, end: int, length_size: int) -> tuple[int, int]:
+    """Return where a length-prefixed vector at ``start`` holds its bytes: (begin, stop)."""
     begin = start + length_size
     if begin > end:
-        raise _Malformed
-    stop = begin + int.from_bytes(data[start:begin], "big")
+        raise Malformed
+    if length_size == 2:
+        length = (data[start] << 8) | data[start + 1]
+    elif length_size == 1:
+        length = data[start]
+    else:
+        length = int.from_bytes(data[start:begin], "big")
+    stop = begin + length
     if stop > end:
-        raise _Malformed
+        raise Malformed
     return begin, stop
 
 
 def _body(message: bytes, kind: int) -> tuple[int, int]:
     """Return where a handshake message of type ``kind`` holds its body."""
     if len(message) < 4 or message[0] != kind:
-        raise _Malformed
-    return _vector(message, 1, len(message), 3)
+        raise Malformed
+    return vector(message, 1, len(message), 3)
 
 
-def certificate_chain(message: bytes, *, tls13: bool) -> list[bytes] | None:
-    """Return the DER certificates of a Certificate message, in the order sent.
+def _certificate_list(message: bytes, tls13: bool) -> tuple[int, int]:
+    """Return where a Certificate message holds its certificate list: (begin, stop).
 
     TLS 1.3 (RFC 8446 4.4.2) prefixes the list with a request context and follows each
     entry with its extensions; TLS 1.2 (RFC 5246 7.4.2) is the bare list.
     """
+    position, end = _body(message, CERTIFICATE)
+    if tls13:
+        _, position = vector(message, position, end, 1)  # certificate_request_context
+    return vector(message, position, end, 3)
+
+
+def certificate_leaf(message: bytes, *, tls13: bool) -> bytes | None:
+    """Return the DER of the first certificate of a Certificate message; None if it has none."""
     try:
-        position, end = _body(message, CERTIFICATE)
-        if tls13:
-            _, position = _vector(message, position, end, 1)  # certificate_request_context
-        position, stop = _vector(message, position, end, 3)
+        position, stop = _certificate_list(message, tls13)
+        if position == stop:
+            return None  # an empty list: no certificate presented
+        begin, position = vector(message, position, stop, 3)
+    except Malformed:
+        return None
+    return message[begin:position] or None
+
+
+def certificate_chain(message: bytes, *, tls13: bool) -> list[bytes] | None:
+    """Return the DER certificates of a Certificate message, in the order sent."""
+    try:
+        position, stop = _certificate_list(message, tls13)
         chain = []
         while position < stop:
-            begin, position = _vector(message, position, stop, 3)
+            begin, position = vector(message, position, stop, 3)
             chain.append(message[begin:position])
             if tls13:
-                _, position = _vector(message, position, stop, 2)  # the entry's extensions
-    except _Malformed:
+                _, position = vector(message, position, stop, 2)  # the entry's extensions
+    except Malformed:
         return None
     return chain
 
@@ -76,25 +99,25 @@ def certificate_authorities(message: bytes, *, tls13: bool) -> list[bytes] | Non
     try:
         position, end = _body(message, CERTIFICATE_REQUEST)
         if tls13:
-            _, position = _vector(message, position, end, 1)  # certificate_request_context
-            position, stop = _vector(message, position, end, 2)
+            _, position = vector(message, position, end, 1)  # certificate_request_context
+            position, stop = vector(message, position, end, 2)
             while position < stop:
                 kind = int.from_bytes(message[position : position + 2], "big")
-                begin, position = _vector(message, position + 2, stop, 2)
+                begin, position = vector(message, position + 2, stop, 2)
                 if kind == _CERTIFICATE_AUTHORITIES:
-                    return _names(message, *_vector(message, begin, position, 2))
+                    return _names(message, *vector(message, begin, position, 2))
             return []
-        _, position = _vector(message, position, end, 1)  # certificate_types
-        _, position = _vector(message, position, end, 2)  # supported_signature_algorithms
-        return _names(message, *_vector(message, position, end, 2))
-    except _Malformed:
+        _, position = vector(message, position, end, 1)  # certificate_types
+        _, position = vector(message, position, end, 2)  # supported_signature_algorithms
+        return _names(message, *vector(message, position, end, 2))
+    except Malformed:
         return None
 
 
 def _names(data: bytes, position: int, stop: int) -> list[bytes]:
     names = []
     while position < stop:
-        begin, position = _vector(data, position, stop, 2)
+        begin, position = vector(data, position, stop, 2)
         names.append(data[begin:position])
     return names
 
@@ -117,24 +140,24 @@ _STRING_TYPES: Final[dict[int, str]] = {
 def _der(data: bytes, position: int, end: int) -> tuple[int, int, int]:
     """Return the tag, and where the content of the DER element at ``position`` is."""
     if position + 2 > end:
-        raise _Malformed
+        raise Malformed
     tag, length = data[position], data[position + 1]
     position += 2
     if length & 0x80:
         size = length & 0x7F
         if size == 0 or size > 4 or position + size > end:
-            raise _Malformed
+            raise Malformed
         length = int.from_bytes(data[position : position + size], "big")
         position += size
     if position + length > end:
-        raise _Malformed
+        raise Malformed
     return tag, position, position + length
 
 
 def _oid(content: bytes) -> str:
     """Return the dotted form of a DER OBJECT IDENTIFIER's content."""
     if not content:
-        raise _Malformed
+        raise Malformed
     arcs: list[int] = []
     value = 0
     for byte in content:
@@ -164,12 +187,12 @@ def distinguished_name(der: bytes) -> DistinguishedName:
     try:
         tag, position, end = _der(der, 0, len(der))
         if tag != _SEQUENCE:
-            raise _Malformed
+            raise Malformed
         rdns = []
         while position < end:
             tag, begin, position = _der(der, position, end)
             if tag != _SET:
-                raise _Malformed
+                raise Malformed
             attributes = []
             while begin < position:
                 tag, inner, begin = _der(der, begin, position)
@@ -177,11 +200,11 @@ def distinguished_name(der: bytes) -> DistinguishedName:
                 value_tag, value_begin, value_end = _der(der, oid_end, begin)
                 encoding = _STRING_TYPES.get(value_tag)
                 if tag != _SEQUENCE or oid_tag != _OID or encoding is None:
-                    raise _Malformed
+                    raise Malformed
                 value = der[value_begin:value_end].decode(encoding)
                 oid = ObjectIdentifier(_oid(der[oid_begin:oid_end]))
                 attributes.append(x509.NameAttribute(oid, value))
             rdns.append(x509.RelativeDistinguishedName(attributes))
         return DistinguishedName(der, x509.Name(rdns).rfc4514_string())
-    except (ValueError, IndexError):  # _Malformed, bad text, cryptography's own checks
+    except (ValueError, IndexError):  # Malformed, bad text, cryptography's own checks
         return DistinguishedName(der, f"(unreadable name, DER {der.hex().upper()})")

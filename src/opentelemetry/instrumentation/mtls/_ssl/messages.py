@@ -43,14 +43,15 @@ from typing import Any, Final
 
 from opentelemetry.instrumentation.mtls import _failsafe
 from opentelemetry.instrumentation.mtls._patch import Method, Patches
-from opentelemetry.instrumentation.mtls._ssl.client_hello import (
+from opentelemetry.instrumentation.mtls._ssl.client_hello import CLIENT_HELLO
+from opentelemetry.instrumentation.mtls._ssl.handshake_messages import (
     CERTIFICATE,
-    CLIENT_HELLO,
     certificate_leaf,
 )
 
-_SLOT: Final[Any] = vars(_ssl._SSLContext).get("_msg_callback")
-AVAILABLE: Final = _SLOT is not None and hasattr(_SLOT, "__set__")
+SLOT: Final[Any] = vars(_ssl._SSLContext).get("_msg_callback")
+"""The C slot of the context's message callback (``ssl.SSLContext._msg_callback``'s own)."""
+AVAILABLE: Final = SLOT is not None and hasattr(SLOT, "__set__")
 """Whether this Python has the message callback slot (CPython 3.8+)."""
 
 _STATE: Final = "_otel_mtls_messages"
@@ -58,8 +59,10 @@ _STATE: Final = "_otel_mtls_messages"
 _OWNER: Final = "otel_mtls_owner"
 """Attribute of our callbacks naming the :class:`HandshakeMessages` that made them."""
 
-_ALERT: Final = 21
-_HANDSHAKE: Final = 22
+ALERT: Final = 21
+"""Record content type of an alert (RFC 8446 5.1)."""
+HANDSHAKE: Final = 22
+"""Record content type of a handshake message."""
 _TLS13: Final = 0x0304
 _FATAL: Final = 2
 _READ: Final = "read"
@@ -97,11 +100,11 @@ _ENDED: Final = Observed()
 
 def _note(conn: Any, direction: str, version: int, content_type: int, data: bytes) -> None:
     """Keep what a span needs of one handshake message or alert."""
-    if content_type == _HANDSHAKE:
+    if content_type == HANDSHAKE:
         kind = data[0]
         if kind != CLIENT_HELLO and kind != CERTIFICATE:  # noqa: PLR1714  # the cheapest test
             return
-    elif content_type != _ALERT or len(data) != 2:
+    elif content_type != ALERT or len(data) != 2:
         return  # change_cipher_spec
     state = conn.__dict__.get(_STATE)
     if state is _ENDED:
@@ -109,7 +112,7 @@ def _note(conn: Any, direction: str, version: int, content_type: int, data: byte
     if state is None:
         state = conn.__dict__[_STATE] = Observed()
     read = direction == _READ
-    if content_type == _ALERT:
+    if content_type == ALERT:
         if state.hello is None and conn.server_side:
             # No ClientHello: a TCP probe or garbage, whose span has no alert (the
             # contract), although OpenSSL "sends" one (decode_error) to a peer gone.
@@ -143,7 +146,7 @@ def _own_observer() -> Callback:
     def observe(  # noqa: PLR0917
         conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes
     ) -> None:
-        if content_type > _HANDSHAKE:  # record headers, inner content types: most calls
+        if content_type > HANDSHAKE:  # record headers, inner content types: most calls
             return
         try:
             note(conn, direction, version, content_type, data)
@@ -161,7 +164,7 @@ def _chained_observer(host: Callback) -> Callback:
     def observe(  # noqa: PLR0917
         conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes
     ) -> Any:
-        if content_type <= _HANDSHAKE:
+        if content_type <= HANDSHAKE:
             try:
                 note(conn, direction, version, content_type, data)
             except Exception as exc:
@@ -193,16 +196,16 @@ class HandshakeMessages:
         """Give every context back the callback it had before us (the host's, or none)."""
         for context in list(self._contexts):
             try:
-                current = _SLOT.__get__(context)
+                current = SLOT.__get__(context)
                 if getattr(current, _OWNER, None) is self:
-                    _SLOT.__set__(context, current.host)
+                    SLOT.__set__(context, current.host)
             except Exception as exc:
                 _failsafe.report("removing the TLS message observer", exc)
         self._contexts.clear()
 
     def _wrap(self, original: Method) -> Method:
         """Make the replacement of ``_SSLContext._wrap_socket`` or ``_wrap_bio``."""
-        get, observe, wanted = _SLOT.__get__, self._observe, self._wanted
+        get, observe, wanted = SLOT.__get__, self._observe, self._wanted
 
         def wrap(context: ssl.SSLContext, *args: Any, **kwargs: Any) -> Any:
             if not wanted():
@@ -229,10 +232,10 @@ class HandshakeMessages:
 
     def _observe(self, context: ssl.SSLContext) -> None:
         try:
-            host = _SLOT.__get__(context)
+            host = SLOT.__get__(context)
             if hasattr(host, _OWNER):  # a callback of an earlier instrumentation
                 host = host.host
-            _SLOT.__set__(context, _observer(self, host))
+            SLOT.__set__(context, _observer(self, host))
             self._contexts.add(context)
         except Exception as exc:
             _failsafe.report("installing the TLS message observer", exc)
@@ -275,10 +278,10 @@ def detach(endpoint: Any) -> None:
 def _detach(tls: Any) -> None:
     """Take one C-level connection (``_ssl._SSLSocket``) off our callback; see detach()."""
     context = tls.context
-    observer = _SLOT.__get__(context)
+    observer = SLOT.__get__(context)
     if getattr(observer, _OWNER, None) is None or observer.host is not None:
         return
-    set_slot = _SLOT.__set__
+    set_slot = SLOT.__set__
     steps = (
         partial(set_slot, context, None),
         partial(setattr, tls, "context", context),
