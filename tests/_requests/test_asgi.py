@@ -206,6 +206,53 @@ def test_a_sampled_out_request_builds_no_attributes_but_keeps_its_identity_and_c
     assert all((s.attributes or {})["tls.client.subject"] for s in spans)
 
 
+async def lazy_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answer with whether the identity was resolved before the application asked for it."""
+    resolved_before = "otel.mtls.resolution" in scope
+    extension = (scope.get("extensions") or {}).get("tls")
+    identity = client_identity(scope)
+    body = json.dumps(
+        {
+            "resolved_before": resolved_before,
+            "extension": extension["client_cert_name"] if extension else None,
+            "subject": identity.subject if identity else None,
+        }
+    ).encode()
+    await answer_json(scope, receive, send, body)
+
+
+@pytest.mark.parametrize(
+    ("sampled", "header", "eager"),
+    [(False, False, False), (False, True, True), (True, False, True)],
+    ids=["sampled-out", "sampled-out-with-header", "sampled"],
+)
+def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
+    sampled: bool,
+    header: bool,
+    eager: bool,
+    pki: PKI,
+    exporter: InMemorySpanExporter,
+    instrumented: Instrumented,
+) -> None:
+    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    instrumented(tracer_provider=provider, meter_provider=MeterProvider([reader]))
+    app = OpenTelemetryMiddleware(lazy_app, tracer_provider=provider, exclude_spans=["receive"])
+    headers = {"x-forwarded-client-cert": 'Subject="CN=admin"'} if header else {}
+    with uvicorn_server(app, pki) as port, client(pki, pki.client, headers=headers) as http:
+        answers = [http.get(f"https://localhost:{port}/{i}").json() for i in range(3)]
+    subject = "CN=web-client,O=mTLS tests"
+    # Without a policy, a revocation check or headers to report, a request whose span is
+    # sampled out resolves its identity only when the application asks; the TLS extension
+    # is filled either way, and the identity is the connection's whenever it is asked for.
+    expected = {"resolved_before": eager, "extension": subject, "subject": subject}
+    assert answers == [expected] * 3
+    # A client's forged identity header is reported whether or not its span records.
+    assert decision_counts(reader) == ({"denied": 3} if header else {})
+    assert len(server_spans(exporter)) == (3 if sampled else 0)
+
+
 def raw_request(pki: PKI, port: int, cert: Leaf | None, client_port: int) -> dict[str, Any]:
     """One HTTP/1.1 request from a fixed client port; the socket is reset, not closed."""
     sock = socket.socket()

@@ -21,6 +21,8 @@ import requests
 from flask import Flask, request
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -263,6 +265,60 @@ def test_a_sampled_out_request_builds_no_attributes_but_keeps_its_identity(
     spans = server_spans(exporter)
     assert len(spans) == (3 if sampled else 0)
     assert all((s.attributes or {})["tls.client.subject"] == SUBJECT for s in spans)
+
+
+def lazy_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Answer with whether the identity was resolved before the application asked for it."""
+    resolved_before = "otel.mtls.resolution" in environ
+    identity = client_identity(environ)
+    body = json.dumps(
+        {"resolved_before": resolved_before, "subject": identity.subject if identity else None}
+    ).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+@pytest.mark.parametrize(
+    ("sampled", "header", "eager"),
+    [(False, False, False), (False, True, True), (True, False, True)],
+    ids=["sampled-out", "sampled-out-with-header", "sampled"],
+)
+def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
+    sampled: bool,
+    header: bool,
+    eager: bool,
+    instrumented: Instrumented,
+    pki: PKI,
+    exporter: InMemorySpanExporter,
+) -> None:
+    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    instrumented(tracer_provider=provider, meter_provider=MeterProvider([reader]))
+    app = OpenTelemetryMiddleware(lazy_app, tracer_provider=provider)
+    with werkzeug_server(app, pki) as port, session(pki, pki.client) as http:
+        if header:
+            http.headers["X-Forwarded-Client-Cert"] = 'Subject="CN=admin"'
+        answers = [http.get(f"https://localhost:{port}/{i}").json() for i in range(3)]
+    assert answers == [{"resolved_before": eager, "subject": SUBJECT}] * 3
+    # A client's forged identity header is reported whether or not its span records.
+    assert denials(reader) == (3 if header else 0)
+    assert len(server_spans(exporter)) == (3 if sampled else 0)
+
+
+def denials(reader: InMemoryMetricReader) -> int:
+    data = reader.get_metrics_data()
+    return sum(
+        int(point.value)
+        for resource in (data.resource_metrics if data is not None else ())
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "tls.identity.decisions"
+        for point in metric.data.data_points  # type: ignore[attr-defined]
+        if point.attributes["tls.client.identity.decision"] == "denied"
+    )
 
 
 @pytest.mark.parametrize("trusted", [True, False])

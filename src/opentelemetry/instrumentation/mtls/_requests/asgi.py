@@ -13,8 +13,9 @@ with the user's own hook.
 from __future__ import annotations
 
 import asyncio
-import functools
+import operator
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import Token
 from typing import Any, Final
 
 from opentelemetry import trace
@@ -38,6 +39,7 @@ from opentelemetry.instrumentation.mtls._requests.identity import (
     resolve,
 )
 from opentelemetry.instrumentation.mtls._requests.revocation import REVOKED
+from opentelemetry.instrumentation.mtls._requests.server_spans import OpenRequest
 from opentelemetry.instrumentation.mtls._ssl.record import peer_chain, socket_address
 from opentelemetry.instrumentation.mtls._ssl.values import iana_cipher_code, version_code
 from opentelemetry.instrumentation.mtls._x509 import der_to_pem, first_pem_certificate
@@ -52,6 +54,7 @@ _RESOLUTION: Final = "otel.mtls.resolution"
 """Scope key holding the request's resolution, made once when the request starts."""
 _KINDS: Final = ("http", "websocket")
 _OPENED: Final = "otel_mtls_opens_requests"
+_NAME: Final = operator.itemgetter(0)
 """Marks an application :func:`open_requests` made, so that it is never wrapped twice."""
 
 
@@ -77,15 +80,24 @@ def resolution_of(scope: Scope) -> Resolution | None:
     return resolution
 
 
-def _resolve(scope: Scope) -> Resolution:
-    """Resolve a request from its scope and connection, and keep it in the scope."""
-    settings = _identity.SETTINGS
-    wanted = settings.identity_header_names
+def _identity_headers(scope: Scope, wanted: frozenset[bytes]) -> dict[bytes, bytes]:
+    """Return a request's client-certificate headers, of any format (most have none)."""
+    lines = scope.get("headers") or ()
     headers: dict[bytes, bytes] = {}
-    for name, value in scope.get("headers") or ():
+    if wanted.isdisjoint(map(_NAME, lines)):  # one pass in C: the common case
+        return headers
+    for name, value in lines:
         if name in wanted:
             # Repeated lines combine as HTTP combines them: a list, or a malformed value.
             headers[name] = headers[name] + b"," + value if name in headers else value
+    return headers
+
+
+def _resolve(scope: Scope, headers: dict[bytes, bytes] | None = None) -> Resolution:
+    """Resolve a request from its scope and connection, and keep it in the scope."""
+    settings = _identity.SETTINGS
+    if headers is None:
+        headers = _identity_headers(scope, settings.identity_header_names)
     connection = CURRENT.get()
     server = scope.get("server")
     if connection is None or server != connection.local:  # else it is the connection's own
@@ -237,10 +249,16 @@ def open_requests(app: ASGIApp) -> ASGIApp:
         return app
 
     async def application(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") not in _KINDS or CURRENT.get() is None:
+        connection = CURRENT.get()
+        if connection is None or scope.get("type") not in _KINDS:
             await app(scope, receive, send)
             return
-        token = server_spans.begin(functools.partial(_resolve, scope))
+        try:
+            token = _open(scope, connection)
+        except Exception as exc:
+            _failsafe.report("opening a request", exc)
+            await app(scope, receive, send)
+            return
         try:
             await app(scope, receive, send)
         finally:
@@ -250,6 +268,24 @@ def open_requests(app: ASGIApp) -> ASGIApp:
     return application
 
 
+def _open(scope: Scope, connection: Connection) -> Token[OpenRequest | None]:
+    """Open a request on a known connection for its server span (:func:`.server_spans.begin`).
+
+    The TLS extension goes into the scope now, before the application runs, whether or
+    not any span records. The identity is resolved when a span or the application first
+    needs it; a request whose span is sampled out resolves it only if something other than
+    the span records it: a policy's verdict, a revocation check, identity headers to report.
+    """
+    settings = _identity.SETTINGS
+    server = scope.get("server")
+    own = server == connection.local or socket_address(server) == connection.local
+    if own and connection.record is not None:
+        _fill_extension(scope, connection)
+    headers = _identity_headers(scope, settings.identity_header_names)
+    eager = bool(headers) or settings.judged or connection.revocation is not None
+    return server_spans.begin(_resolve, scope, headers, eager=eager, in_span=False)
+
+
 def compose_server_request_hook(
     user_hook: Callable[[Span, Scope], None] | None,
 ) -> Callable[[Span, Scope], None]:
@@ -257,7 +293,11 @@ def compose_server_request_hook(
 
     def server_request_hook(span: Span, scope: Scope) -> None:
         if scope.get("type") in _KINDS:
-            enrich_request(span, scope)
+            request = server_spans.REQUEST.get()
+            if request is None:  # a server we do not follow: the scope is all there is
+                enrich_request(span, scope)
+            elif not request.done:  # a span no SDK tracer started: this hook's is it
+                request.enrich(span)
         if user_hook is not None:
             user_hook(span, scope)
 

@@ -33,7 +33,7 @@ from opentelemetry.instrumentation.mtls._requests.connection import CURRENT
 from opentelemetry.instrumentation.mtls._requests.enrichment import enrich
 from opentelemetry.instrumentation.mtls._requests.identity import Resolution
 
-Resolve = Callable[[], Resolution | None]
+Resolve = Callable[..., Resolution | None]
 """Resolves the request's identity (:func:`.identity.resolve`), when a span first asks."""
 
 _KIND_POSITION: Final = 2
@@ -46,11 +46,13 @@ _MAX_WARNINGS: Final = 16
 class OpenRequest:
     """One request on a known connection, until one server span carries its identity."""
 
-    __slots__ = ("_resolution", "_resolve", "done")
+    __slots__ = ("_args", "_eager", "_resolution", "_resolve", "done")
 
-    def __init__(self, resolve: Resolve) -> None:
+    def __init__(self, resolve: Resolve, args: tuple[Any, ...], eager: bool) -> None:
         self._resolve: Resolve | None = resolve
+        self._args = args
         self._resolution: Resolution | None = None
+        self._eager = eager
         self.done = False
         """Whether a server span was given the identity (or its one chance has passed)."""
 
@@ -59,13 +61,18 @@ class OpenRequest:
         resolve = self._resolve
         if resolve is not None:
             self._resolve = None
-            self._resolution = resolve()
+            self._resolution = resolve(*self._args)
+            self._args = ()
         return self._resolution
 
     def enrich(self, span: Span) -> None:
         """Give ``span`` the request's identity, link and decisions; never raises."""
         self.done = True
         try:
+            if not self._eager and not span.is_recording():
+                # Nothing but a span would show this request's identity: it is resolved
+                # if and when the application asks (client_identity()), never before.
+                return
             resolution = self.resolution()
             if resolution is not None:
                 enrich(span, resolution, _identity.SETTINGS)
@@ -88,18 +95,25 @@ REQUEST: Final[ContextVar[OpenRequest | None]] = ContextVar("otel_mtls_request",
 """The request whose application call is running in this context, once opened."""
 
 
-def begin(resolve: Resolve) -> Token[OpenRequest | None]:
+def begin(
+    resolve: Resolve, *args: Any, eager: bool = True, in_span: bool = True
+) -> Token[OpenRequest | None]:
     """Open a request: the ``SERVER`` span current now, or else the next one, gets its identity.
 
-    ``resolve`` runs once, when a span first needs the identity; the caller keeps the
-    token for :func:`end`, in the same context. For integrations whose server span starts
-    before the request can be opened (a gRPC interceptor, an aiohttp middleware), opening
-    it inside that span gives the span its identity at once.
+    ``resolve(*args)`` runs once, when something first needs the identity; the caller keeps the
+    token for :func:`end`, in the same context. ``eager`` says that the request has
+    something to record even when its span is sampled out (an identity policy's verdict,
+    a revocation check, identity headers to report): otherwise a request whose span does
+    not record resolves nothing unless the application asks for its identity. For
+    integrations whose server span starts before the request can be opened, opening it
+    inside that span gives the span its identity at once; a server, which opens its
+    requests before any middleware runs, says ``in_span=False`` and saves the look.
     """
-    request = OpenRequest(resolve)
-    span = trace.get_current_span()
-    if getattr(span, "kind", None) is SpanKind.SERVER and span.is_recording():
-        request.enrich(span)
+    request = OpenRequest(resolve, args, eager)
+    if in_span:
+        span = trace.get_current_span()
+        if getattr(span, "kind", None) is SpanKind.SERVER and span.is_recording():
+            request.enrich(span)
     return REQUEST.set(request)
 
 

@@ -16,10 +16,10 @@ and enforces the identity policy.
 
 from __future__ import annotations
 
-import functools
 import socket
 import ssl
 from collections.abc import Callable, Iterable
+from contextvars import Token
 from typing import Any, Final
 
 from opentelemetry import trace
@@ -116,22 +116,40 @@ def resolution_of(environ: Environ) -> Resolution:
     return resolution
 
 
-def _resolve(environ: Environ) -> Resolution:
+def _resolve(
+    environ: Environ,
+    connection: Connection | None = None,
+    headers: dict[bytes, bytes] | None = None,
+) -> Resolution:
     """Resolve a request from its environ and its socket, and keep it in the environ."""
     settings = _identity.SETTINGS
-    headers: dict[bytes, bytes] = {}
-    for key, name in _header_keys(settings):
-        value = environ.get(key)
-        if isinstance(value, str):
-            # PEP 3333: header values are latin-1 decoded bytes; repeated lines are joined.
-            headers[name] = value.encode("latin-1", "replace")
+    if headers is None:
+        headers = _identity_headers(environ, settings)
+        connection = connection_of(environ)
     # The environ's SERVER_NAME and SERVER_PORT come from the Host header: not passed.
-    resolution = resolve(connection_of(environ), headers, None, None, settings)
+    resolution = resolve(connection, headers, None, None, settings)
     environ[_RESOLUTION] = resolution
     return resolution
 
 
-def _header_keys(settings: RequestSettings) -> tuple[tuple[str, bytes], ...]:
+def _identity_headers(environ: Environ, settings: RequestSettings) -> dict[bytes, bytes]:
+    """Return a request's client-certificate headers, of any format (most have none)."""
+    keys, names = _header_keys(settings)
+    headers: dict[bytes, bytes] = {}
+    if names.isdisjoint(environ):  # one pass in C: the common case
+        return headers
+    for key, name in keys:
+        value = environ.get(key)
+        if isinstance(value, str):
+            # PEP 3333: header values are latin-1 decoded bytes; repeated lines are joined.
+            headers[name] = value.encode("latin-1", "replace")
+    return headers
+
+
+HeaderKeys = tuple[tuple[tuple[str, bytes], ...], frozenset[str]]
+
+
+def _header_keys(settings: RequestSettings) -> HeaderKeys:
     """Return the environ key (``HTTP_X_FORWARDED_CLIENT_CERT``) of every identity header."""
     cached = _header_cache.get(id(settings))
     if cached is None or cached[0] is not settings:
@@ -140,11 +158,11 @@ def _header_keys(settings: RequestSettings) -> tuple[tuple[str, bytes], ...]:
             for name in sorted(settings.identity_header_names)
         )
         _header_cache.clear()
-        cached = _header_cache[id(settings)] = (settings, keys)
+        cached = _header_cache[id(settings)] = (settings, (keys, frozenset(k for k, _ in keys)))
     return cached[1]
 
 
-_header_cache: dict[int, tuple[RequestSettings, tuple[tuple[str, bytes], ...]]] = {}
+_header_cache: dict[int, tuple[RequestSettings, HeaderKeys]] = {}
 
 
 def client_identity(environ: Environ) -> ClientIdentity | None:
@@ -173,7 +191,11 @@ def open_requests(app: WSGIApp) -> WSGIApp:
         return app
 
     def application(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        token = server_spans.begin(functools.partial(_resolve, environ))
+        try:
+            token = _open(environ)
+        except Exception as exc:
+            _failsafe.report("opening a request", exc)
+            return app(environ, start_response)
         try:
             return app(environ, start_response)
         finally:
@@ -181,6 +203,23 @@ def open_requests(app: WSGIApp) -> WSGIApp:
 
     setattr(application, _OPENED, True)
     return application
+
+
+def _open(environ: Environ) -> Token[server_spans.OpenRequest | None]:
+    """Open a request for its server span (:func:`.server_spans.begin`): resolved lazily.
+
+    A request whose span is sampled out resolves its identity only if something other than
+    the span records it: a policy's verdict, a revocation check, identity headers to report.
+    """
+    settings = _identity.SETTINGS
+    connection = connection_of(environ)
+    headers = _identity_headers(environ, settings)
+    eager = (
+        bool(headers)
+        or settings.judged
+        or (connection is not None and connection.revocation is not None)
+    )
+    return server_spans.begin(_resolve, environ, connection, headers, eager=eager, in_span=False)
 
 
 def _refused(resolution: Resolution, settings: RequestSettings) -> bool:
