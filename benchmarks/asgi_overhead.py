@@ -20,9 +20,12 @@ Variants, one block of each per round:
 
 * ``bare``: the inner application alone;
 * ``otel``: ``OpenTelemetryMiddleware(inner)`` (opentelemetry-instrumentation-asgi);
-* ``lean``: ``OpenTelemetryMiddleware(inner, server_request_hook=...)`` with the
-  package's composed hook, which is what ``MTLSInstrumentor`` (zero-code) installs, and
-  the default request attributes (the identity: subject, issuer, hash, SPIFFE ID, source);
+* ``lean``: what a followed server runs under ``MTLSInstrumentor`` (zero-code): its
+  application opened for its server span (``open_requests``), around
+  ``OpenTelemetryMiddleware(inner, server_request_hook=...)`` with the package's composed
+  hook, the SDK's ``Tracer.start_span`` patched as the package patches it (for the
+  package's variants' blocks only: ``otel`` runs unpatched), and the default request
+  attributes (the identity: subject, issuer, hash, SPIFFE ID, source);
 * ``full``: the same with ``OTEL_PYTHON_MTLS_REQUEST_ATTRIBUTES=full`` (every peer
   certificate attribute, version, cipher, resumption);
 * ``sdk floor``: ``otel`` with a ``server_request_hook`` that only sets the attributes
@@ -81,8 +84,13 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import SpanContext, SpanKind
 
+from opentelemetry.instrumentation.mtls._patch import Patches
 from opentelemetry.instrumentation.mtls._requests import identity as _identity
-from opentelemetry.instrumentation.mtls._requests.asgi import compose_server_request_hook
+from opentelemetry.instrumentation.mtls._requests import server_spans
+from opentelemetry.instrumentation.mtls._requests.asgi import (
+    compose_server_request_hook,
+    open_requests,
+)
 from opentelemetry.instrumentation.mtls._requests.connection import CURRENT, Connection
 from opentelemetry.instrumentation.mtls._ssl.record import HandshakeRecord, fill_success
 
@@ -122,6 +130,8 @@ ENRICHMENTS: Final = (
 )
 """Each enriched variant and the variant it is compared with, in the same round."""
 SAMPLED_OUT: Final = ("otel sampled-out", "lean sampled-out")
+OURS: Final = ("lean", "full", "lean sampled-out")
+"""The variants that run the package's request path (the others run without its patch)."""
 TARGETS_US: Final = {"lean": 5.0, "lean sampled-out": 2.0}
 CI_HALF_WIDTH: Final = 0.01
 BATCH: Final = 20
@@ -304,7 +314,9 @@ def build_apps(provider: TracerProvider, sampled_out: TracerProvider) -> dict[st
         return middleware
 
     hook = compose_server_request_hook(None)
-    enriched = otel(inner_app, provider, server_request_hook=hook)
+    # What a followed server runs under MTLSInstrumentor: its application opened
+    # (open_requests), contrib's middleware with the composed hook inside it.
+    enriched = open_requests(otel(inner_app, provider, server_request_hook=hook))
     lean = _identity.RequestSettings()
     floor: list[Any] = []
 
@@ -326,7 +338,7 @@ def build_apps(provider: TracerProvider, sampled_out: TracerProvider) -> dict[st
         "full": enriched,
         "sdk floor": otel(inner_app, provider, server_request_hook=sdk_only),
         "otel sampled-out": otel(inner_app, sampled_out),
-        "lean sampled-out": otel(inner_app, sampled_out, server_request_hook=hook),
+        "lean sampled-out": open_requests(otel(inner_app, sampled_out, server_request_hook=hook)),
     }
 
 
@@ -364,8 +376,16 @@ class Bench:
         """One block of one variant; the request settings are the variant's (lean or full)."""
         _identity.configure(FULL_SETTINGS if name == "full" else LEAN_SETTINGS)
         before = self.exporter.count
+        patches = Patches()
+        if name in OURS:  # the SDK's start_span, patched for our variants' blocks only
+            server_spans.install(patches, None)
         gc.collect()
-        block = self.loop.run_until_complete(serve(self.apps[name], seconds=seconds, count=count))
+        try:
+            block = self.loop.run_until_complete(
+                serve(self.apps[name], seconds=seconds, count=count)
+            )
+        finally:
+            patches.restore()
         block.variant = name
         for provider in self.providers:
             flush(provider)
