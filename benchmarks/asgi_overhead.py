@@ -325,7 +325,7 @@ def build_apps(provider: TracerProvider, sampled_out: TracerProvider) -> dict[st
         if not floor:
             connection = CURRENT.get()
             assert connection is not None and connection.record is not None
-            resolution = _identity.resolve(connection, {}, None, None, lean)
+            resolution = _identity.resolve(connection, {}, None, lean)
             floor.extend((resolution.span_attributes(), resolution.link))
         if span.is_recording():
             span.set_attributes(floor[0])

@@ -12,9 +12,12 @@ from typing import Any
 
 import pytest
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from opentelemetry.instrumentation.mtls import MTLSInstrumentor
 from pki import Authority, Leaf
@@ -185,3 +188,37 @@ def handshake_spans(exporter: InMemorySpanExporter, side: str) -> list[ReadableS
     """The finished handshake spans of one side, ``server`` or ``client``."""
     name = f"TLS {side} handshake"
     return [span for span in exporter.get_finished_spans() if span.name == name]
+
+
+def decision_counts(reader: InMemoryMetricReader) -> dict[str, int]:
+    """The ``tls.identity.decisions`` counter's points, by decision."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    return {
+        str(point.attributes["tls.client.identity.decision"]): int(point.value)
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "tls.identity.decisions"
+        for point in metric.data.data_points  # type: ignore[attr-defined]
+    }
+
+
+LAZY_RESOLUTION_CASES = pytest.mark.parametrize(
+    ("sampled", "header", "eager"),
+    [(False, False, False), (False, True, True), (True, False, True)],
+    ids=["sampled-out", "sampled-out-with-header", "sampled"],
+)
+"""Whether a request's span is sampled, whether it sends a forged identity header, and
+whether its identity is then resolved before the application asks for it."""
+
+
+def sampled_instrumentation(
+    sampled: bool, exporter: InMemorySpanExporter, instrumented: Instrumented
+) -> tuple[TracerProvider, InMemoryMetricReader]:
+    """Instrument with a tracer provider that samples every span, or none, and a reader."""
+    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    instrumented(tracer_provider=provider, meter_provider=MeterProvider([reader]))
+    return provider, reader

@@ -23,7 +23,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
-from conftest import FULL_ONLY, LEAN, PKI, Instrumented, handshake_spans
+from conftest import (
+    FULL_ONLY,
+    LAZY_RESOLUTION_CASES,
+    LEAN,
+    PKI,
+    Instrumented,
+    decision_counts,
+    handshake_spans,
+    sampled_instrumentation,
+)
 from opentelemetry.instrumentation.mtls import MTLSMiddleware, client_identity
 from opentelemetry.instrumentation.mtls._requests.asgi import resolution_of
 from pki import Leaf
@@ -166,19 +175,6 @@ async def probe_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await answer_json(scope, receive, send, body)
 
 
-def decision_counts(reader: InMemoryMetricReader) -> dict[str, int]:
-    data = reader.get_metrics_data()
-    assert data is not None
-    return {
-        str(point.attributes["tls.client.identity.decision"]): int(point.value)
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "tls.identity.decisions"
-        for point in metric.data.data_points  # type: ignore[attr-defined]
-    }
-
-
 @pytest.mark.parametrize("sampled", [False, True])
 def test_a_sampled_out_request_builds_no_attributes_but_keeps_its_identity_and_counts(
     sampled: bool, pki: PKI, exporter: InMemorySpanExporter, instrumented: Instrumented
@@ -221,11 +217,7 @@ async def lazy_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await answer_json(scope, receive, send, body)
 
 
-@pytest.mark.parametrize(
-    ("sampled", "header", "eager"),
-    [(False, False, False), (False, True, True), (True, False, True)],
-    ids=["sampled-out", "sampled-out-with-header", "sampled"],
-)
+@LAZY_RESOLUTION_CASES
 def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
     sampled: bool,
     header: bool,
@@ -234,10 +226,7 @@ def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
     exporter: InMemorySpanExporter,
     instrumented: Instrumented,
 ) -> None:
-    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    reader = InMemoryMetricReader()
-    instrumented(tracer_provider=provider, meter_provider=MeterProvider([reader]))
+    provider, reader = sampled_instrumentation(sampled, exporter, instrumented)
     app = OpenTelemetryMiddleware(lazy_app, tracer_provider=provider, exclude_spans=["receive"])
     headers = {"x-forwarded-client-cert": 'Subject="CN=admin"'} if header else {}
     with uvicorn_server(app, pki) as port, client(pki, pki.client, headers=headers) as http:

@@ -21,7 +21,6 @@ import requests
 from flask import Flask, request
 from opentelemetry.instrumentation.flask import FlaskInstrumentor
 from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -31,7 +30,16 @@ from opentelemetry.trace import SpanKind
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import make_server
 
-from conftest import FULL_ONLY, LEAN, PKI, Instrumented, handshake_spans
+from conftest import (
+    FULL_ONLY,
+    LAZY_RESOLUTION_CASES,
+    LEAN,
+    PKI,
+    Instrumented,
+    decision_counts,
+    handshake_spans,
+    sampled_instrumentation,
+)
 from opentelemetry.instrumentation.mtls import client_identity
 from opentelemetry.instrumentation.mtls._requests.wsgi import MTLSWSGIMiddleware, resolution_of
 from pki import Leaf
@@ -280,11 +288,7 @@ def lazy_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     return [body]
 
 
-@pytest.mark.parametrize(
-    ("sampled", "header", "eager"),
-    [(False, False, False), (False, True, True), (True, False, True)],
-    ids=["sampled-out", "sampled-out-with-header", "sampled"],
-)
+@LAZY_RESOLUTION_CASES
 def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
     sampled: bool,
     header: bool,
@@ -293,10 +297,7 @@ def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
     pki: PKI,
     exporter: InMemorySpanExporter,
 ) -> None:
-    provider = TracerProvider(**({} if sampled else {"sampler": ALWAYS_OFF}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    reader = InMemoryMetricReader()
-    instrumented(tracer_provider=provider, meter_provider=MeterProvider([reader]))
+    provider, reader = sampled_instrumentation(sampled, exporter, instrumented)
     app = OpenTelemetryMiddleware(lazy_app, tracer_provider=provider)
     with werkzeug_server(app, pki) as port, session(pki, pki.client) as http:
         if header:
@@ -309,16 +310,7 @@ def test_a_sampled_out_request_resolves_nothing_unless_something_records_it(
 
 
 def denials(reader: InMemoryMetricReader) -> int:
-    data = reader.get_metrics_data()
-    return sum(
-        int(point.value)
-        for resource in (data.resource_metrics if data is not None else ())
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "tls.identity.decisions"
-        for point in metric.data.data_points  # type: ignore[attr-defined]
-        if point.attributes["tls.client.identity.decision"] == "denied"
-    )
+    return decision_counts(reader).get("denied", 0)
 
 
 @pytest.mark.parametrize("trusted", [True, False])

@@ -98,7 +98,7 @@ def resolution_of(request: web.BaseRequest) -> Resolution:
         if name in wanted:
             # Repeated lines combine as HTTP combines them: a list, or a malformed value.
             headers[name] = headers[name] + b"," + value if name in headers else value
-    resolution = resolve(connection_of(request), headers, None, None, settings)
+    resolution = resolve(connection_of(request), headers, None, settings)
     request[key] = resolution
     return resolution
 

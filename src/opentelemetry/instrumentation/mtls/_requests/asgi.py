@@ -54,8 +54,8 @@ _RESOLUTION: Final = "otel.mtls.resolution"
 """Scope key holding the request's resolution, made once when the request starts."""
 _KINDS: Final = ("http", "websocket")
 _OPENED: Final = "otel_mtls_opens_requests"
-_NAME: Final = operator.itemgetter(0)
 """Marks an application :func:`open_requests` made, so that it is never wrapped twice."""
+_NAME: Final = operator.itemgetter(0)
 
 
 def client_identity(scope: Scope) -> ClientIdentity | None:
@@ -93,19 +93,37 @@ def _identity_headers(scope: Scope, wanted: frozenset[bytes]) -> dict[bytes, byt
     return headers
 
 
-def _resolve(scope: Scope, headers: dict[bytes, bytes] | None = None) -> Resolution:
-    """Resolve a request from its scope and connection, and keep it in the scope."""
+def _own(scope: Scope, connection: Connection | None) -> Connection | None:
+    """Return the request's connection, unless the scope names another listening address.
+
+    The address may only rule the connection out (a request handed in from elsewhere),
+    never choose one.
+    """
+    if connection is None:
+        return None
+    server = scope.get("server")
+    if server == connection.local:  # the steady state
+        return connection
+    address = socket_address(server)
+    return connection if address is None or address == connection.local else None
+
+
+def _resolve(
+    scope: Scope,
+    connection: Connection | None = None,
+    headers: dict[bytes, bytes] | None = None,
+) -> Resolution:
+    """Resolve a request from its scope and connection, and keep it in the scope.
+
+    An opened request passes what :func:`_open` found; otherwise both come from here.
+    """
     settings = _identity.SETTINGS
     if headers is None:
         headers = _identity_headers(scope, settings.identity_header_names)
-    connection = CURRENT.get()
-    server = scope.get("server")
-    if connection is None or server != connection.local:  # else it is the connection's own
-        server = socket_address(server)
+        connection = _own(scope, CURRENT.get())
     resolution = resolve(
         connection,
         headers,
-        server,
         _extension_leaf(scope) if connection is None else None,
         settings,
     )
@@ -277,13 +295,12 @@ def _open(scope: Scope, connection: Connection) -> Token[OpenRequest | None]:
     the span records it: a policy's verdict, a revocation check, identity headers to report.
     """
     settings = _identity.SETTINGS
-    server = scope.get("server")
-    own = server == connection.local or socket_address(server) == connection.local
-    if own and connection.record is not None:
-        _fill_extension(scope, connection)
+    own = _own(scope, connection)
+    if own is not None and own.record is not None:
+        _fill_extension(scope, own)
     headers = _identity_headers(scope, settings.identity_header_names)
-    eager = bool(headers) or settings.judged or connection.revocation is not None
-    return server_spans.begin(_resolve, scope, headers, eager=eager, in_span=False)
+    eager = _identity.eager(own, headers, settings)
+    return server_spans.begin(_resolve, scope, own, headers, eager=eager, in_span=False)
 
 
 def compose_server_request_hook(

@@ -215,19 +215,16 @@ class Resolution:
 def resolve(
     connection: Connection | None,
     headers: Headers,
-    server: Address | None,
     extension_leaf: bytes | None,
     settings: RequestSettings,
 ) -> Resolution:
     """Resolve a request's identity from its connection (and a trusted proxy's header).
 
     ``headers`` holds only the request's client-certificate headers, of any format.
-    ``server`` is the listening address the request names: it may only rule a connection
-    out (a request handed in from elsewhere), never choose one. ``extension_leaf`` is the
-    client certificate of a server that filled the ASGI TLS extension itself.
+    ``connection`` is the request's own, found through the connection itself, never
+    through an address the request names. ``extension_leaf`` is the client certificate of
+    a server that filled the ASGI TLS extension itself.
     """
-    if connection is not None and server is not None and server != connection.local:
-        connection = None
     if not headers and connection is not None and connection.record is not None:
         # The steady state, a request on a known TLS connection: the shortest way.
         handshake = _from_handshake(connection, settings)
@@ -256,6 +253,19 @@ def resolve(
     if settings.judged:
         resolution.decision = _decide(resolution, settings)
     return resolution
+
+
+def eager(connection: Connection | None, headers: Headers, settings: RequestSettings) -> bool:
+    """Whether a request's resolution records something even where its span does not.
+
+    A policy's verdict, a revocation check and client-certificate headers to report are
+    counted whether or not the request's span is sampled; anything else only a span shows.
+    """
+    return (
+        bool(headers)
+        or settings.judged
+        or (connection is not None and connection.revocation is not None)
+    )
 
 
 def resolve_verified(

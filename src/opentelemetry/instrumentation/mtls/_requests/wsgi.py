@@ -121,13 +121,16 @@ def _resolve(
     connection: Connection | None = None,
     headers: dict[bytes, bytes] | None = None,
 ) -> Resolution:
-    """Resolve a request from its environ and its socket, and keep it in the environ."""
+    """Resolve a request from its environ and its socket, and keep it in the environ.
+
+    An opened request passes what :func:`_open` found; otherwise both come from here.
+    """
     settings = _identity.SETTINGS
     if headers is None:
         headers = _identity_headers(environ, settings)
         connection = connection_of(environ)
     # The environ's SERVER_NAME and SERVER_PORT come from the Host header: not passed.
-    resolution = resolve(connection, headers, None, None, settings)
+    resolution = resolve(connection, headers, None, settings)
     environ[_RESOLUTION] = resolution
     return resolution
 
@@ -214,11 +217,7 @@ def _open(environ: Environ) -> Token[server_spans.OpenRequest | None]:
     settings = _identity.SETTINGS
     connection = connection_of(environ)
     headers = _identity_headers(environ, settings)
-    eager = (
-        bool(headers)
-        or settings.judged
-        or (connection is not None and connection.revocation is not None)
-    )
+    eager = _identity.eager(connection, headers, settings)
     return server_spans.begin(_resolve, environ, connection, headers, eager=eager, in_span=False)
 
 
